@@ -1,0 +1,240 @@
+"""A plain LLaMA decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, static KV cache.
+
+Read it top to bottom. Adapters plug in through two seams and the base model imports nothing
+from them: `Attention.attend` (how q, k, v become the attention output) and an opaque `ctx`
+object that the model hands to every layer unchanged.
+
+Conventions: rotary embeddings use the "rotate half" layout of Hugging Face checkpoints; Meta,
+llama2.c and GGUF weights are permuted into it when loaded (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale after casting back, as the reference implementations do,
+        # so half-precision results match them.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_frequencies(config: Config, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3.1-style scaling when configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
+    s = config.rope_scaling
+    if s:
+        factor = s["factor"]
+        low, high = s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer positions of any shape [...] -> [..., head_dim]."""
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [B or 1, T, hd]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values of the sequence tokens of one layer: [B, n_kv_heads, max_len, hd]."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        # Only the filled prefix: attention cost grows with the text, not with max_len.
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None, start: int, ctx: Any) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        y = self.attend(q, k, v, mask, ctx)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               ctx: Any) -> torch.Tensor:
+        """The adapter seam: q [B, H, T, hd], k/v [B, Hkv, S, hd] -> [B, H, T, hd]."""
+        return sdpa(q, k, v, mask)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         causal: bool = True) -> torch.Tensor:
+    """Scaled dot-product attention with GQA; `mask` (bool, True = attend) overrides `causal`."""
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None and causal and q.shape[2] == 1:
+        causal = False  # one query at the end of the sequence sees every key
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
+                                          enable_gqa=gqa)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                cache: KVCache | None, start: int, ctx: Any) -> torch.Tensor:
+        x = self.inject(x, ctx)
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start, ctx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def inject(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Block-level seam (ImageBind-style additive injection); the base block adds nothing."""
+        return x
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
+        c = self.config
+        max_len = min(max_len or c.max_seq_len, c.max_seq_len)
+        p = self.tok_embeddings.weight
+        return [KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or p.dtype, p.device)
+                for _ in range(c.n_layers)]
+
+    def forward(self, idx: torch.Tensor, *, start: int = 0, cache: list[KVCache] | None = None,
+                pad: torch.Tensor | None = None, ctx: Any = None, hidden_only: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """idx [B, T] token ids at positions start..start+T-1 -> logits [B, T, vocab].
+
+        pad: [B] count of left-padding tokens per row (batched generation); those slots are
+        masked out and RoPE positions of each row start at its first real token.
+        hidden_only: return the final normalised hidden states instead of logits, so a trainer
+        can project only the positions that carry a loss.
+        """
+        B, T = idx.shape
+        end = start + T
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens is longer than the model's context "
+                             f"({self.config.max_seq_len}); shorten the prompt or max_new_tokens")
+        device = idx.device
+        slots = torch.arange(start, end, device=device)
+        mask = None
+        if pad is not None or (cache is not None and T > 1) or start > 0:
+            keys = torch.arange(end, device=device)
+            allowed = keys[None, :] <= slots[:, None]  # [T, S] causal
+            if pad is not None:
+                real = keys[None, None, :] >= pad[:, None, None]  # [B, 1, S]
+                # A pad query attends to itself only, so no row is fully masked (which gives NaN).
+                allowed = (allowed[None] & real) | (keys[None, None, :] == slots[None, :, None])
+                mask = allowed[:, None]  # [B, 1, T, S]
+            else:
+                mask = allowed[None, None]
+            if cache is None and start > 0:
+                mask = mask[..., start:]
+        positions = slots[None, :] if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)
+        rope = rope_cos_sin(self.inv_freq, positions)
+
+        x = self.tok_embeddings(idx)
+        # Layers with nothing trainable below the first trainable one need no autograd graph.
+        first = self.first_trainable_layer() if torch.is_grad_enabled() else 0
+        for i, layer in enumerate(self.layers):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first):
+                x = layer(x, rope, mask, None if cache is None else cache[i], start, ctx)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        return x if hidden_only else self.output(x)
+
+    def first_trainable_layer(self) -> int:
+        if self.tok_embeddings.weight.requires_grad:
+            return 0
+        for i, layer in enumerate(self.layers):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return len(self.layers)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init for tests and from-scratch models."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
