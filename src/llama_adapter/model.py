@@ -71,8 +71,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values of the sequence tokens of one layer: [B, n_kv_heads, max_len, hd]."""
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -100,8 +107,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, start: int, ctx: Any) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start: int,
+        ctx: Any,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -112,20 +126,21 @@ class Attention(nn.Module):
         y = self.attend(q, k, v, mask, ctx)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               ctx: Any) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ctx: Any
+    ) -> torch.Tensor:
         """The adapter seam: q [B, H, T, hd], k/v [B, Hkv, S, hd] -> [B, H, T, hd]."""
         return sdpa(q, k, v, mask)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         causal: bool = True) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = True
+) -> torch.Tensor:
     """Scaled dot-product attention with GQA; `mask` (bool, True = attend) overrides `causal`."""
     gqa = q.shape[1] != k.shape[1]
     if mask is None and causal and q.shape[2] == 1:
         causal = False  # one query at the end of the sequence sees every key
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and causal, enable_gqa=gqa)
 
 
 class FeedForward(nn.Module):
@@ -147,8 +162,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: KVCache | None, start: int, ctx: Any) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start: int,
+        ctx: Any,
+    ) -> torch.Tensor:
         x = self.inject(x, ctx)
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, start, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -174,24 +196,39 @@ class LLaMA(nn.Module):
         c = self.config
         max_len = min(max_len or c.max_seq_len, c.max_seq_len)
         p = self.tok_embeddings.weight
-        return [KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or p.dtype, p.device)
-                for _ in range(c.n_layers)]
+        return [
+            KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or p.dtype, p.device) for _ in range(c.n_layers)
+        ]
 
-    def forward(self, idx: torch.Tensor, *, start: int = 0, cache: list[KVCache] | None = None,
-                pad: torch.Tensor | None = None, ctx: Any = None, hidden_only: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        start: int = 0,
+        cache: list[KVCache] | None = None,
+        pad: torch.Tensor | None = None,
+        ctx: Any = None,
+        hidden_only: bool = False,
+        last_only: bool = False,
+        grad_from: int | None = None,
+    ) -> torch.Tensor:
         """idx [B, T] token ids at positions start..start+T-1 -> logits [B, T, vocab].
 
         pad: [B] count of left-padding tokens per row (batched generation); those slots are
         masked out and RoPE positions of each row start at its first real token.
         hidden_only: return the final normalised hidden states instead of logits, so a trainer
         can project only the positions that carry a loss.
+        grad_from: first layer whose forward needs autograd (an adapter knows its lowest adapted
+        layer); by default the first layer holding a trainable parameter. Layers below it run
+        under no_grad, so no backward pass goes through the frozen bottom.
         """
         B, T = idx.shape
         end = start + T
         if end > self.config.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens is longer than the model's context "
-                             f"({self.config.max_seq_len}); shorten the prompt or max_new_tokens")
+            raise ValueError(
+                f"sequence of {end} tokens is longer than the model's context "
+                f"({self.config.max_seq_len}); shorten the prompt or max_new_tokens"
+            )
         device = idx.device
         slots = torch.arange(start, end, device=device)
         mask = None
@@ -212,7 +249,9 @@ class LLaMA(nn.Module):
 
         x = self.tok_embeddings(idx)
         # Layers with nothing trainable below the first trainable one need no autograd graph.
-        first = self.first_trainable_layer() if torch.is_grad_enabled() else 0
+        first = grad_from if grad_from is not None else self.first_trainable_layer()
+        if self.tok_embeddings.weight.requires_grad:
+            first = 0
         for i, layer in enumerate(self.layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first):
                 x = layer(x, rope, mask, None if cache is None else cache[i], start, ctx)

@@ -1,0 +1,354 @@
+"""LLaMA-Adapter: zero-init gated adaption prompts (arXiv 2303.16199).
+
+The top `adapter_layers` layers of a frozen LLaMA get `adapter_len` learnable prompt vectors each.
+In those layers the prompts pass through the layer's own frozen key/value projections (no RoPE,
+visible to every token) and get a softmax of their own, scaled per head by `tanh(gate)` with the
+gate initialised to 0, so at step 0 the adapted model computes exactly what the frozen one does:
+
+    out = sdpa(q, k_seq, v_seq, causal) + tanh(gate)[h] * sdpa(q, k_prompt, v_prompt)
+
+Prompts reach the attention through a `PromptState` built once per forward (training) or once per
+`generate` call (inference, with prompt K/V precomputed): per-row tensors `[B or 1, K, dim]`, so
+multimodal prompts, several adapters per batch and early fusion only change what each layer gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Config
+from .model import Attention, LLaMA, sdpa
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    adapter_len: int = 10  # K: prompt vectors per adapted layer (paper: 10)
+    adapter_layers: int = 30  # L: how many of the top layers are adapted (paper: 30 of 32)
+    # The official code keeps prompts in an nn.Embedding, whose default init is N(0, 1).
+    init_std: float = 1.0
+    # The gate's starting value: 0 is the paper's zero-init attention; others exist for ablations.
+    gate_init: float = 0.0
+    # "tanh" as in the paper and the official training code; "identity" reproduces the official
+    # inference code and PEFT, which apply the raw gate.
+    gate_activation: str = "tanh"
+
+    def validate(self, base: Config) -> None:
+        if self.adapter_len < 1:
+            raise ValueError(f"adapter_len={self.adapter_len}: need at least one prompt vector; use --adapter-len 10")
+        if not 1 <= self.adapter_layers <= base.n_layers:
+            raise ValueError(
+                f"adapter_layers={self.adapter_layers}, but the model has {base.n_layers} layers; "
+                f"choose 1..{base.n_layers}"
+            )
+        if self.gate_activation not in ("tanh", "identity"):
+            raise ValueError(f"gate_activation={self.gate_activation!r}: choose 'tanh' or 'identity'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown adapter config keys {sorted(unknown)}; this version knows {sorted(known)}")
+        return cls(**d)
+
+
+def is_adapter_param(name: str) -> bool:
+    """THE predicate: trainable == saved == everything under a name part starting with 'adapter'."""
+    return any(part.startswith("adapter") for part in name.split("."))
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Gates, norms, biases and scales are not decayed (as in the official code)."""
+    return param.ndim < 2 or "gate" in name or name.endswith(("bias", "scale"))
+
+
+@dataclass
+class LayerPrompt:
+    prompt: torch.Tensor  # [B or 1, K, dim]
+    gate: torch.Tensor  # [B or 1, n_heads], activation already applied
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed [B or 1, n_kv_heads, K, head_dim]
+
+
+@dataclass
+class PromptState:
+    """What every adapted layer gets for one forward / one generate call."""
+
+    layers: dict[int, LayerPrompt] = field(default_factory=dict)
+
+    def get(self, layer_idx: int) -> LayerPrompt | None:
+        return self.layers.get(layer_idx)
+
+
+class AdaptedAttention(Attention):
+    """Base attention plus the gated prompt branch; shares the base's frozen projections."""
+
+    layer_idx: int
+
+    @classmethod
+    def wrap(cls, base: Attention, layer_idx: int) -> AdaptedAttention:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in base.named_children():
+            setattr(new, name, child)
+        new.n_heads, new.n_kv_heads, new.head_dim = base.n_heads, base.n_kv_heads, base.head_dim
+        new.layer_idx = layer_idx
+        return new
+
+    def unwrap(self) -> Attention:
+        base = Attention.__new__(Attention)
+        nn.Module.__init__(base)
+        for name, child in self.named_children():
+            setattr(base, name, child)
+        base.n_heads, base.n_kv_heads, base.head_dim = self.n_heads, self.n_kv_heads, self.head_dim
+        return base
+
+    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts through this layer's frozen K/V projections: no RoPE, no norm (as official)."""
+        B, K, _ = prompt.shape
+        prompt = prompt.to(self.wk.weight.dtype)
+        k = self.wk(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ctx: Any
+    ) -> torch.Tensor:
+        y = sdpa(q, k, v, mask)
+        lp = ctx.get(self.layer_idx) if isinstance(ctx, PromptState) else None
+        if lp is None:
+            return y
+        pk, pv = lp.kv if lp.kv is not None else self.prompt_kv(lp.prompt)
+        B = q.shape[0]
+        # Every token sees every prompt: no mask, and a softmax separate from the sequence's.
+        yp = sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), None, causal=False)
+        return y + lp.gate.to(y.dtype).expand(B, -1)[:, :, None, None] * yp
+
+
+class AdaptionPrompt(nn.Module):
+    """The trainable part: L*K prompt vectors (one [L*K, dim] tensor, as the official file) and
+    L x n_heads gates."""
+
+    def __init__(self, config: AdapterConfig, base: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.prompts = nn.Parameter(torch.empty(config.adapter_layers * config.adapter_len, base.dim))
+        self.gates = nn.Parameter(torch.empty(config.adapter_layers, base.n_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The single place where zero-init happens."""
+        if self.prompts.is_meta:
+            return
+        nn.init.normal_(self.prompts, std=self.config.init_std)
+        nn.init.constant_(self.gates, self.config.gate_init)
+
+    def layer_prompts(self) -> torch.Tensor:
+        c = self.config
+        return self.prompts.view(c.adapter_layers, c.adapter_len, -1)
+
+    def activated_gates(self) -> torch.Tensor:
+        return torch.tanh(self.gates) if self.config.gate_activation == "tanh" else self.gates
+
+
+class AdaptedLLaMA(nn.Module):
+    """A frozen LLaMA whose top layers attend to adaption prompts.
+
+    The base model's top-layer attentions are replaced in place by `AdaptedAttention` modules that
+    share its weights; `detach_base()` undoes that.
+    """
+
+    def __init__(self, model: LLaMA, config: AdapterConfig) -> None:
+        super().__init__()
+        config.validate(model.config)
+        self.model = model
+        self.adapter_config = config
+        self.adapter = AdaptionPrompt(config, model.config).to(model.tok_embeddings.weight.device)
+        n = model.config.n_layers
+        self.adapted_layers = list(range(n - config.adapter_layers, n))
+        for i in self.adapted_layers:
+            attn = model.layers[i].attention
+            if not isinstance(attn, AdaptedAttention):
+                model.layers[i].attention = AdaptedAttention.wrap(attn, i)
+        mark_trainable(self)
+
+    @property
+    def config(self) -> Config:
+        return self.model.config
+
+    def new_cache(self, *args: Any, **kwargs: Any) -> list:
+        return self.model.new_cache(*args, **kwargs)
+
+    def prompt_state(self, add: torch.Tensor | None = None, precompute: bool = False) -> PromptState:
+        """Per-layer prompts for one call. `add` [B, dim] is added to every layer's prompts
+        (the multimodal path); `precompute` projects prompt K/V once (inference only)."""
+        prompts = self.adapter.layer_prompts()
+        gates = self.adapter.activated_gates()
+        state = PromptState()
+        for j, i in enumerate(self.adapted_layers):
+            p = prompts[j][None]
+            if add is not None:
+                p = p + add[:, None, :].to(p.dtype)
+            lp = LayerPrompt(p, gates[j][None])
+            if precompute:
+                lp.kv = self.model.layers[i].attention.prompt_kv(p)
+            state.layers[i] = lp
+        return state
+
+    def forward(self, idx: torch.Tensor, *, ctx: Any = None, **kwargs: Any) -> torch.Tensor:
+        if ctx is None:
+            # Rebuilt every call: nothing derived from trainable parameters outlives a step.
+            ctx = self.prompt_state()
+        kwargs.setdefault("grad_from", min(self.adapted_layers[0], self.model.first_trainable_layer()))
+        return self.model(idx, ctx=ctx, **kwargs)
+
+    def detach_base(self) -> LLaMA:
+        for i in self.adapted_layers:
+            attn = self.model.layers[i].attention
+            if isinstance(attn, AdaptedAttention):
+                self.model.layers[i].attention = attn.unwrap()
+        return self.model
+
+
+def adapter_named_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, p in module.named_parameters():
+        if is_adapter_param(name):
+            yield name, p
+
+
+def mark_trainable(module: nn.Module) -> None:
+    for name, p in module.named_parameters():
+        p.requires_grad_(is_adapter_param(name))
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in adapter_named_parameters(module)}
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in adapter_named_parameters(module):
+        (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same directory, then rename: a crash never leaves a
+    half-written file behind under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: AdaptedLLaMA,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """`adapter.safetensors` + `adapter_config.json` (what base it needs, K, L, dtype, run info)."""
+    out = Path(out_dir)
+    tensors = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    base = model.config
+    meta = {
+        "format": "llama-adapter",
+        "format_version": FORMAT_VERSION,
+        "adapter": model.adapter_config.to_dict(),
+        "base": {"name": base.name, "fingerprint": base.fingerprint(), "config": base.to_dict()},
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "trainable_parameters": sum(t.numel() for t in tensors.values()),
+        **(metadata or {}),
+    }
+    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=str)))
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    d = Path(adapter_dir)
+    path = d / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(
+            f"{d} is not an adapter directory: {ADAPTER_CONFIG} is missing "
+            f"(point --adapter at the --out directory of `llama-adapter finetune`)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+    if meta.get("format") != "llama-adapter":
+        raise ValueError(
+            f"{path} is not a llama-adapter config (format={meta.get('format')!r}); "
+            "for PEFT or official adapters use `llama-adapter convert`"
+        )
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], base: Config, where: str = "adapter") -> None:
+    want = Config.from_dict(meta["base"]["config"])
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+        a, b = getattr(want, key), getattr(base, key)
+        if a != b:
+            raise ValueError(
+                f"{where} was trained for base '{want.name}' with {key}={a}, but the loaded model "
+                f"'{base.name}' has {key}={b}; load the base model it was trained on"
+            )
+
+
+def load_adapter(model: LLaMA | AdaptedLLaMA, adapter_dir: str | Path) -> AdaptedLLaMA:
+    """Wrap `model` (or re-use an existing wrapper) and load weights saved by `save_adapter`."""
+    meta = read_adapter_config(adapter_dir)
+    base = model.model if isinstance(model, AdaptedLLaMA) else model
+    check_compatible(meta, base.config, where=str(adapter_dir))
+    wrapped = AdaptedLLaMA(base, AdapterConfig.from_dict(meta["adapter"]))
+    load_adapter_weights(wrapped, Path(adapter_dir) / ADAPTER_WEIGHTS)
+    return wrapped
+
+
+def load_adapter_weights(model: AdaptedLLaMA, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"adapter weights {path} not found")
+    sd = load_file(path)
+    expected = dict(adapter_named_parameters(model))
+    for name, p in expected.items():
+        if name not in sd:
+            raise ValueError(f"{path}: missing tensor {name!r}; the file has {sorted(sd)}")
+        if tuple(sd[name].shape) != tuple(p.shape):
+            raise ValueError(
+                f"{path}: {name} has shape {list(sd[name].shape)}, the model expects "
+                f"{list(p.shape)}; the adapter was saved for a different config"
+            )
+    extra = set(sd) - set(expected)
+    if extra:
+        raise ValueError(f"{path}: unexpected tensors {sorted(extra)}; was it saved by another version?")
+    with torch.no_grad():
+        for name, p in expected.items():
+            p.copy_(sd[name].to(p.dtype))
