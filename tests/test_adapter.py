@@ -218,3 +218,24 @@ def test_bad_adapter_configs():
         AdaptedLLaMA(tiny(), AdapterConfig(adapter_len=0, adapter_layers=1))
     with pytest.raises(ValueError, match="model has 3 layers"):
         AdaptedLLaMA(tiny(), AdapterConfig(adapter_len=2, adapter_layers=4))
+
+
+def test_visual_projection_zero_init_and_row_masking():
+    base = tiny()
+    idx = torch.randint(0, 61, (2, 6))
+    with torch.no_grad():
+        ref = base(idx).clone()
+    model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=2, visual_dim=10))
+    assert "adapter_visual.fc1.weight" in adapter_state_dict(model)
+    assert model.adapter_visual.fc1.weight.requires_grad
+    feats = torch.randn(2, 10)
+    with torch.no_grad():
+        assert torch.equal(model(idx, ctx=model.prompt_state(visual=feats)), ref)
+        model.adapter.gates.fill_(1.0)
+        no_img = model(idx)
+        mixed = model(idx, ctx=model.prompt_state(visual=feats, has_image=torch.tensor([True, False])))
+    torch.testing.assert_close(mixed[1], no_img[1], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(mixed[0], no_img[0])
+    text_only = AdaptedLLaMA(tiny(), AdapterConfig(adapter_len=3, adapter_layers=2))
+    with pytest.raises(ValueError, match="text-only"):
+        text_only.prompt_state(visual=feats)

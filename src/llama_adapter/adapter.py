@@ -45,6 +45,12 @@ class AdapterConfig:
     # "tanh" as in the paper and the official training code; "identity" reproduces the official
     # inference code and PEFT, which apply the raw gate.
     gate_activation: str = "tanh"
+    # Multimodal (paper section 3.3): size of the frozen encoder's concatenated multi-scale global
+    # features; 0 = text-only. One projection shared by all adapted layers (the paper adds the same
+    # projected visual feature to every layer's prompts).
+    visual_dim: int = 0
+    visual_hidden: int = 0  # hidden width of the projection MLP; 0 = the model width
+    image_encoder: str | None = None  # recorded so inference builds the same frozen encoder
 
     def validate(self, base: Config) -> None:
         if self.adapter_len < 1:
@@ -56,6 +62,8 @@ class AdapterConfig:
             )
         if self.gate_activation not in ("tanh", "identity"):
             raise ValueError(f"gate_activation={self.gate_activation!r}: choose 'tanh' or 'identity'")
+        if self.visual_dim < 0:
+            raise ValueError(f"visual_dim={self.visual_dim} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,6 +175,20 @@ class AdaptionPrompt(nn.Module):
         return torch.tanh(self.gates) if self.config.gate_activation == "tanh" else self.gates
 
 
+class VisualProjection(nn.Module):
+    """Concatenated multi-scale image features [B, visual_dim] -> [B, dim] (learnable)."""
+
+    def __init__(self, visual_dim: int, dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        hidden = hidden or dim
+        self.norm = nn.LayerNorm(visual_dim)
+        self.fc1 = nn.Linear(visual_dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(feats))))
+
+
 class AdaptedLLaMA(nn.Module):
     """A frozen LLaMA whose top layers attend to adaption prompts.
 
@@ -179,7 +201,13 @@ class AdaptedLLaMA(nn.Module):
         config.validate(model.config)
         self.model = model
         self.adapter_config = config
-        self.adapter = AdaptionPrompt(config, model.config).to(model.tok_embeddings.weight.device)
+        device = model.tok_embeddings.weight.device
+        self.adapter = AdaptionPrompt(config, model.config).to(device)
+        self.adapter_visual = (
+            VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
+            if config.visual_dim
+            else None
+        )
         n = model.config.n_layers
         self.adapted_layers = list(range(n - config.adapter_layers, n))
         for i in self.adapted_layers:
@@ -195,9 +223,38 @@ class AdaptedLLaMA(nn.Module):
     def new_cache(self, *args: Any, **kwargs: Any) -> list:
         return self.model.new_cache(*args, **kwargs)
 
-    def prompt_state(self, add: torch.Tensor | None = None, precompute: bool = False) -> PromptState:
-        """Per-layer prompts for one call. `add` [B, dim] is added to every layer's prompts
-        (the multimodal path); `precompute` projects prompt K/V once (inference only)."""
+    def visual_prompt(self, visual: torch.Tensor, has_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder features [B, visual_dim] -> [B, dim] to add to the prompts; rows whose
+        `has_image` is False add exactly nothing."""
+        if self.adapter_visual is None:
+            raise ValueError(
+                "this adapter is text-only (trained without --image-encoder); drop the image "
+                "or use an adapter trained with images"
+            )
+        if visual.shape[-1] != self.adapter_config.visual_dim:
+            raise ValueError(
+                f"image features have size {visual.shape[-1]}, the adapter expects "
+                f"{self.adapter_config.visual_dim} (encoder {self.adapter_config.image_encoder!r})"
+            )
+        p = self.adapter_visual(visual.to(self.adapter_visual.fc1.weight.dtype))
+        if has_image is not None:
+            p = p * has_image.to(p.dtype)[:, None]
+        return p
+
+    def prompt_state(
+        self,
+        add: torch.Tensor | None = None,
+        precompute: bool = False,
+        *,
+        visual: torch.Tensor | None = None,
+        has_image: torch.Tensor | None = None,
+    ) -> PromptState:
+        """Per-layer prompts for one call. `visual` [B, visual_dim] encoder features (projected and
+        added to every adapted layer's prompts) or `add` [B, dim] already in model width;
+        `precompute` projects prompt K/V once (inference only)."""
+        if visual is not None:
+            v = self.visual_prompt(visual, has_image)
+            add = v if add is None else add + v
         prompts = self.adapter.layer_prompts()
         gates = self.adapter.activated_gates()
         state = PromptState()
