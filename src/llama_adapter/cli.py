@@ -1,0 +1,227 @@
+"""`llama-adapter <command>`: thin wrappers over the library. User errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+EXAMPLES = {
+    "generate": "llama-adapter generate --model smollm2-135m-instruct --prompt 'Name three primary colours.'\n"
+    "  llama-adapter generate --model stories260k --template plain --prompt 'Once upon a time'\n"
+    "  llama-adapter generate --model smollm2-135m-instruct --adapter runs/alpaca --prompt 'Give me a tip.'",
+    "chat": "llama-adapter chat --model smollm2-135m-instruct --adapter runs/alpaca",
+    "finetune": "llama-adapter finetune --model smollm2-135m-instruct "
+    "--data ../shared/data/alpaca/alpaca_en_demo.json --out runs/alpaca --epochs 1\n"
+    "  llama-adapter finetune --model stories260k --data data.jsonl --out runs/tiny --max-steps 20",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llama-adapter",
+        description="Train and run LLaMA-Adapter (zero-init attention) adapters on frozen LLaMA-family models.",
+        epilog="example:\n  " + EXAMPLES["generate"].split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog="example:\n  " + EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="smollm2-135m-instruct",
+                        help="preset name (smollm2-135m-instruct, stories260k) or a path: llama2.c .bin, .gguf, "
+                        "HF directory, Meta directory (default: %(default)s)")
+        sp.add_argument("--adapter", help="adapter directory written by `finetune`")
+        sp.add_argument("--template", default="auto", help="prompt template: auto, plain, alpaca, chatml")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    def sampling_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--max-new-tokens", type=int, default=256)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        sp.add_argument("--top-k", type=int)
+        sp.add_argument("--top-p", type=float)
+        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+        sp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        sp.add_argument("--seed", type=int)
+        sp.add_argument("--image", help="image file for a multimodal adapter")
+        sp.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+    g = cmd("generate", "Generate a completion for a prompt, streamed to stdout.")
+    model_args(g)
+    sampling_args(g)
+    g.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for a batch; '-' reads stdin)")
+
+    c = cmd("chat", "Interactive chat in the terminal (empty line or Ctrl-D quits).")
+    model_args(c)
+    sampling_args(c)
+
+    f = cmd("finetune", "Train an adapter on instruction data (Alpaca JSON/JSONL or chat JSONL).")
+    from .train import TrainArgs
+
+    for fld in fields(TrainArgs):
+        if fld.name in ("extra",):
+            continue
+        flag = "--" + fld.name.replace("_", "-")
+        if fld.type == "bool":
+            f.add_argument(flag, action="store_true", help=f"(default: {fld.default})")
+            continue
+        typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
+        f.add_argument(flag, type=typ, default=fld.default, required=fld.name == "data",
+                       help=f"(default: {fld.default})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .adapter import load_adapter, read_adapter_config
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
+
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, dtype=dtype)
+    tok = load_tokenizer(model.config.extra["tokenizer"])
+    template = args.template
+    if args.adapter:
+        meta = read_adapter_config(args.adapter)
+        model = load_adapter(model, args.adapter)
+        if template == "auto":
+            template = meta.get("template") or "alpaca"
+    if template == "auto":
+        template = "chatml" if getattr(tok, "chat_template", "") == "chatml" else "plain"
+    model.eval()
+    return model, tok, template
+
+
+def _render(prompt: str, template: str) -> str:
+    from .tokenizer import alpaca_prompt, render_chat
+
+    if template == "plain":
+        return prompt
+    if template == "alpaca":
+        return alpaca_prompt(prompt)
+    return render_chat([{"role": "user", "content": prompt}], template, add_generation_prompt=True)
+
+
+def _params(args: argparse.Namespace):
+    from .generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=list(args.stop),
+                          seed=args.seed)
+
+
+def _ctx(model, args: argparse.Namespace, batch: int):
+    from .adapter import AdaptedLLaMA
+
+    if not isinstance(model, AdaptedLLaMA):
+        if getattr(args, "image", None):
+            raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
+        return None
+    if getattr(args, "image", None):
+        from .multimodal import image_features_for
+
+        feats = image_features_for(model, [args.image] * batch)
+        return model.prompt_state(visual=feats, precompute=True)
+    return model.prompt_state(precompute=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import generate_text
+
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    model, tok, template = _load(args)
+    texts = [_render(p, template) for p in prompts]
+    with torch.inference_mode():
+        ctx = _ctx(model, args, len(texts))
+        if len(texts) == 1:
+            def on_text(row: int, delta: str) -> None:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+
+            generate_text(model, tok, texts, _params(args), ctx=ctx, on_text=on_text)
+            sys.stdout.write("\n")
+        else:
+            outs = generate_text(model, tok, texts, _params(args), ctx=ctx)
+            for i, o in enumerate(outs):
+                print(f"--- [{i}] {prompts[i]}\n{o}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import generate_text
+    from .tokenizer import render_chat
+
+    model, tok, template = _load(args)
+    history: list[dict[str, str]] = []
+    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''} (empty line quits)",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        text = render_chat(history, "chatml" if template == "plain" else template, add_generation_prompt=True)
+        chunks: list[str] = []
+
+        def on_text(row: int, delta: str, chunks: list[str] = chunks) -> None:
+            chunks.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        with torch.inference_mode():
+            generate_text(model, tok, [text], _params(args), ctx=_ctx(model, args, 1), on_text=on_text)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(chunks)})
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train import TrainArgs, finetune
+
+    targs = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)})
+    res = finetune(targs)
+    if res.stopped == "nan":
+        return 1
+    first = res.val_losses[0][1] if res.val_losses else float("nan")
+    last = res.val_losses[-1][1] if res.val_losses else float("nan")
+    print(f"trained {res.steps} steps; held-out loss {first:.4f} -> {last:.4f}; adapter saved to {Path(targs.out)}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "finetune": cmd_finetune}
+
+if __name__ == "__main__":
+    sys.exit(main())
