@@ -15,7 +15,10 @@ EXAMPLES = {
     "chat": "llama-adapter chat --model smollm2-135m-instruct --adapter runs/alpaca",
     "finetune": "llama-adapter finetune --model smollm2-135m-instruct "
     "--data ../shared/data/alpaca/alpaca_en_demo.json --out runs/alpaca --epochs 1\n"
-    "  llama-adapter finetune --model stories260k --data data.jsonl --out runs/tiny --max-steps 20",
+    "  llama-adapter finetune --model stories260k --data data.jsonl --out runs/tiny --max-steps 20\n"
+    "  llama-adapter finetune --devices 2 --strategy ddp --model stories260k --data data.jsonl --out runs/ddp\n"
+    "  torchrun --nproc-per-node 8 -m llama_adapter finetune --strategy fsdp --device cuda --precision bf16 "
+    "--model llama2-7b-dir --data alpaca.json --out runs/7b  (see docs/distributed.md)",
 }
 
 
@@ -209,16 +212,43 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .train import TrainArgs, finetune
+    import os
+
+    from .distributed import DistributedError, check_options, launch, launched_by_torchrun
+    from .train import TrainArgs, finetune, resolve_grad_accum
 
     targs = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)})
-    res = finetune(targs)
+    if (targs.devices or 1) > 1 and not launched_by_torchrun():
+        # Bad options: one error here, not one per process.
+        check_options(targs.devices, targs.strategy, targs.device, targs.dist_timeout_s)
+        resolve_grad_accum(targs, targs.devices)
+        return launch(_finetune_argv(targs, args.verbose), targs.devices)
+    try:
+        res = finetune(targs)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if res.stopped == "nan":
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     first = res.val_losses[0][1] if res.val_losses else float("nan")
     last = res.val_losses[-1][1] if res.val_losses else float("nan")
     print(f"trained {res.steps} steps; held-out loss {first:.4f} -> {last:.4f}; adapter saved to {Path(targs.out)}")
     return 0
+
+
+def _finetune_argv(targs, verbose: bool) -> list[str]:
+    """The command line that reproduces `targs`, for the processes `--devices N` starts."""
+    argv = ["-v"] if verbose else []
+    argv.append("finetune")
+    for f in fields(targs):
+        value = getattr(targs, f.name)
+        if f.name == "extra" or value is None or value is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "finetune": cmd_finetune}

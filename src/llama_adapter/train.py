@@ -18,9 +18,10 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from .adapter import (
     param_groups,
     save_adapter,
 )
+
+if TYPE_CHECKING:
+    from .distributed import Parallel
 
 log = logging.getLogger("llama_adapter.train")
 
@@ -53,6 +57,7 @@ class TrainArgs:
     max_steps: int | None = None  # stop early (the schedule still spans `epochs` unless schedule_steps)
     batch_size: int = 4  # per device, per micro-step
     grad_accum: int = 1
+    global_batch: int | None = None  # fixes batch_size x grad_accum x processes; grad_accum is derived from it
     blr: float = 9e-3  # base lr: lr = blr * effective_batch / 256 (as the paper)
     lr: float | None = None  # absolute lr overrides blr
     min_lr: float = 0.0
@@ -68,7 +73,10 @@ class TrainArgs:
     log_every: int = 1
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda (each process then uses cuda:LOCAL_RANK)
+    devices: int | None = None  # processes, one per device: spawns them, or checks what torchrun started
+    strategy: str = "ddp"  # ddp: frozen base replicated | fsdp: frozen base sharded (FSDP2); see distributed.py
+    dist_timeout_s: float = 600.0  # a collective that waits longer fails the run (a rank crashed or hangs)
     resume: bool = False
     image_encoder: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +92,7 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> f
 
 
 def lm_head(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DistributedDataParallel
     return model.model.output if isinstance(model, AdaptedLLaMA) else model.output
 
 
@@ -101,9 +110,16 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any = 
     return loss, int(keep.sum())
 
 
-@torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], precision: str = "fp32",
                   device: str = "cpu", make_ctx: Callable[[dict], Any] | None = None) -> float:
+    total, n = evaluate_sums(model, batches, precision, device, make_ctx)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], precision: str = "fp32",
+                  device: str = "cpu", make_ctx: Callable[[dict], Any] | None = None) -> tuple[float, int]:
+    """Summed response-token loss and token count (sums add up across ranks)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
@@ -114,7 +130,7 @@ def evaluate_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], 
         total += loss.item()
         n += k
     model.train(was_training)
-    return total / max(n, 1)
+    return total, n
 
 
 def autocast(precision: str, device: str):
@@ -181,16 +197,26 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
         *, pad_id: int, out: Path | None = None, rank: int = 0, world_size: int = 1,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         make_ctx: Callable[[dict], Any] | None = None, progress: bool = True,
-        metadata: dict[str, Any] | None = None) -> FitResult:
-    """Train the trainable parameters of `model` on encoded items (each with input_ids/labels)."""
+        metadata: dict[str, Any] | None = None, parallel: Parallel | None = None) -> FitResult:
+    """Train the trainable parameters of `model` on encoded items (each with input_ids/labels).
+
+    `parallel` (from distributed.setup_distributed) supplies rank, world_size and the DDP/FSDP wrap.
+    """
     from .data import batch_indices, collate
 
+    if parallel is not None:
+        rank, world_size, wrap = parallel.rank, parallel.world_size, parallel.wrap
     if not len(train_items):
         raise ValueError("the training set is empty after encoding; check the data file and --max-len")
+    grad_accum = resolve_grad_accum(args, world_size)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = args.device
-    global_batch = args.batch_size * args.grad_accum * world_size
+    global_batch = args.batch_size * grad_accum * world_size
+    if len(train_items) < global_batch:
+        raise ValueError(f"the training set has {len(train_items)} examples, fewer than one global batch of "
+                         f"{global_batch} (batch {args.batch_size} x accumulation {grad_accum} x {world_size} "
+                         "processes); lower --batch-size, --grad-accum or --devices, or add data")
     lengths = [len(it.input_ids) for it in train_items]
     steps_per_epoch = max(1, len(train_items) // global_batch)
     total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -204,22 +230,41 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
     ckpt = Checkpointer(out) if out is not None else None
     step = 0
     metrics_rows: list[dict[str, Any]] = []
-    if args.resume and ckpt is not None and ckpt.latest() is not None:
-        state = ckpt.load(model, optimizer)
-        step = state["step"]
-        metrics_rows = [r for r in read_metrics(out) if int(r["step"]) <= step]
-        log.info("resumed from %s at step %d", ckpt.latest(), step)
+    is_main = rank == 0
+    if args.resume and ckpt is not None:
+        # Rank 0 reads the checkpoint and hands it to the others (they need not see the files).
+        state = ckpt.load(model, optimizer) if is_main and ckpt.latest() is not None else None
+        if parallel is not None:
+            state = parallel.share_resume_state(optimizer, state)
+        if state is not None:
+            if state.get("global_batch", global_batch) != global_batch:
+                raise ValueError(
+                    f"--resume: the checkpoint was trained with a global batch of {state['global_batch']}, this "
+                    f"run has {global_batch} (batch {args.batch_size} x accumulation {grad_accum} x {world_size} "
+                    f"processes), so step {state['step']} would see other data at another lr; keep the global "
+                    f"batch, e.g. --global-batch {state['global_batch']}")
+            step = state["step"]
+            metrics_rows = [r for r in read_metrics(out) if int(r["step"]) <= step]
+            log.info("resumed from %s at step %d", ckpt.latest(), step)
 
     val_batches = [collate([val_items[i] for i in b], pad_id)
                    for b in batch_indices([len(v.input_ids) for v in val_items], args.batch_size, shuffle=False,
                                           seed=0, epoch=0)] if len(val_items) else []
 
     def run_eval() -> float:
-        return evaluate_loss(trainable, val_batches, args.precision, device, make_ctx)
+        if world_size == 1:
+            return evaluate_loss(model, val_batches, args.precision, device, make_ctx)
+        # Every rank takes every world_size-th batch. FSDP forwards are collective, so all ranks run
+        # the same number of them: one without a batch left repeats batch 0 and does not count it.
+        total, n = 0.0, 0
+        for i in range(rank, -(-len(val_batches) // world_size) * world_size, world_size):
+            t, k = evaluate_sums(model, [val_batches[i % len(val_batches)]], args.precision, device, make_ctx)
+            if i < len(val_batches):
+                total, n = total + t, n + k
+        return reduce_sum(total, world_size) / max(reduce_sum(n, world_size), 1)
 
-    is_main = rank == 0
     result = FitResult(0, [], [])
-    if is_main and val_batches and step == 0:
+    if val_batches and step == 0:
         v = run_eval()
         result.val_losses.append((0, v))
         metrics_rows.append({"step": 0, "epoch": 0.0, "loss": "", "lr": 0.0, "tokens": 0, "tokens_per_s": "",
@@ -245,17 +290,20 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
             gb = batches[bi]
             n_tokens = sum(sum(1 for t in train_items[i].labels[1:] if t != -100) for i in gb)
             micro = [gb[j:j + args.batch_size] for j in range(0, len(gb), args.batch_size)]
-            mine = micro[rank * args.grad_accum:(rank + 1) * args.grad_accum]
+            mine = micro[rank * grad_accum:(rank + 1) * grad_accum]
             loss_total = 0.0
             step_tokens = 0
-            for mb in mine:
+            for j, mb in enumerate(mine):
                 batch = {k: v.to(device) for k, v in collate([train_items[i] for i in mb], pad_id).items()}
-                with autocast(args.precision, device):
-                    loss_sum, _ = token_loss_sum(trainable, batch, make_ctx(batch) if make_ctx else None)
-                # DDP averages gradients over ranks; scale back up so the step sees the global sum.
-                (loss_sum * world_size / max(n_tokens, 1)).backward()
+                with parallel.micro_step(trainable, last=j == len(mine) - 1) if parallel else nullcontext():
+                    with autocast(args.precision, device):
+                        loss_sum, _ = token_loss_sum(trainable, batch, make_ctx(batch) if make_ctx else None)
+                    # DDP averages gradients over ranks; scale back up so the step sees the global sum.
+                    (loss_sum * world_size / max(n_tokens, 1)).backward()
                 loss_total += loss_sum.item()
                 step_tokens += int(batch["lengths"].sum())
+            if parallel is not None:
+                parallel.after_backward(step)
             loss_value = reduce_sum(loss_total, world_size) / max(n_tokens, 1)
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
@@ -280,7 +328,7 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
             row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss_value, 6),
                    "lr": cur_lr, "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
                    "elapsed_s": round(elapsed, 2), "val_loss": ""}
-            if is_main and val_batches and (step % args.eval_every == 0 or step == max_steps):
+            if val_batches and (step % args.eval_every == 0 or step == max_steps):
                 row["val_loss"] = run_eval()
                 result.val_losses.append((step, row["val_loss"]))
             metrics_rows.append(row)
@@ -288,7 +336,8 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=row["tokens_per_s"])
                 bar.update(1)
             if ckpt is not None and is_main and (step % args.save_every == 0 or step == max_steps):
-                ckpt.save(model, optimizer, {"step": step, "epoch": epoch, "lr": cur_lr}, metadata or {})
+                ckpt.save(model, optimizer, {"step": step, "epoch": epoch, "lr": cur_lr, "global_batch": global_batch,
+                                             "world_size": world_size}, metadata or {})
                 write_metrics(out, metrics_rows)
                 last_good = step
         epoch += 1
@@ -307,9 +356,25 @@ def reduce_sum(x: float, world_size: int) -> float:
         return x
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t.item())
+
+
+def resolve_grad_accum(args: TrainArgs, world_size: int) -> int:
+    """Micro-batches per process per step; `global_batch`, when set, decides it for any world size."""
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise ValueError(f"--batch-size {args.batch_size} and --grad-accum {args.grad_accum} must be >= 1")
+    if args.global_batch is None:
+        return args.grad_accum
+    per = args.batch_size * world_size
+    if args.global_batch < 1 or args.global_batch % per:
+        raise ValueError(f"--global-batch {args.global_batch} is not divisible by --batch-size {args.batch_size} x "
+                         f"{world_size} processes = {per}; use a multiple of {per} or change --batch-size")
+    if args.grad_accum not in (1, args.global_batch // per):
+        raise ValueError(f"--grad-accum {args.grad_accum} contradicts --global-batch {args.global_batch} "
+                         f"(which needs {args.global_batch // per}); give only one of them")
+    return args.global_batch // per
 
 
 METRIC_FIELDS = ["step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "val_loss"]
@@ -361,7 +426,18 @@ def plot_losses(out: Path) -> Path | None:
 
 
 def finetune(args: TrainArgs) -> FitResult:
-    """Load base + data, wrap with an adapter, train, save `adapter.safetensors` + config in args.out."""
+    """Load base + data, wrap with an adapter, train, save `adapter.safetensors` + config in args.out.
+
+    Started by torchrun (or `llama-adapter finetune --devices N`), every process runs this: it joins
+    the process group, and rank 0 alone logs and writes files.
+    """
+    from .distributed import distributed_session
+
+    with distributed_session(args.devices, args.strategy, args.device, args.dist_timeout_s) as par:
+        return _finetune(replace(args, device=par.device), par)
+
+
+def _finetune(args: TrainArgs, par: Parallel) -> FitResult:
     from .checkpoint import load_model
     from .data import InstructionDataset, load_examples, split_holdout
     from .tokenizer import load_tokenizer
@@ -376,7 +452,10 @@ def finetune(args: TrainArgs) -> FitResult:
     n_layers = base.config.n_layers
     cfg = AdapterConfig(adapter_len=args.adapter_len,
                         adapter_layers=args.adapter_layers or min(30, n_layers), gate_init=args.gate_init)
-    model = AdaptedLLaMA(base, cfg).to(args.device)
+    torch.manual_seed(args.seed)  # the same adapter init in every process and every run
+    model = AdaptedLLaMA(base, cfg)
+    if not (par.enabled and args.strategy == "fsdp"):  # FSDP moves each rank's shard to the device itself
+        model = model.to(args.device)
     train_ex, val_ex = split_holdout(examples, args.val_fraction, seed=args.seed)
     val_ex = val_ex[: args.max_val_examples]
     train_ds = InstructionDataset(train_ex, tok, template, args.max_len)
@@ -385,7 +464,7 @@ def finetune(args: TrainArgs) -> FitResult:
     metadata = {"train": {**asdict(args), "template": template, "n_train": len(train_ds), "n_val": len(val_ds)},
                 "tokenizer": base.config.extra.get("tokenizer"), "template": template}
     out.mkdir(parents=True, exist_ok=True)
-    res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, out=out, metadata=metadata)
-    if res.stopped != "nan":
+    res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, out=out, metadata=metadata, parallel=par)
+    if res.stopped != "nan" and par.is_main:
         save_adapter(model, out, metadata=metadata)
     return res
