@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -228,6 +229,36 @@ def test_continuous_batching_matches_unbatched_greedy(engine):
     assert engine.snapshot()["active"] == 0
 
 
+def test_rows_survive_cache_compaction():
+    """With a short KV cache the write position runs out while rows keep joining: the engine shifts
+    the rows left (dropping common padding) and decoding stays exact."""
+    e = make_engine(adapters=False, max_context=64).start()
+    try:
+        tok = e.tokenizer
+        recorded: dict[int, list[int]] = {}
+        orig = e._accept
+
+        def spy(rows, tokens):
+            for r, t in zip(rows, tokens):
+                recorded.setdefault(r.job.index, []).append(t)
+            orig(rows, tokens)
+
+        e._accept = spy
+        greedy = dict(temperature=0, ignore_eos=True)
+        a = Job("stories260k", tok.encode("Once upon a time", bos=True), Sampling(max_tokens=50, **greedy), index=0)
+        e.submit([a])
+        wait_for(lambda: len(recorded.get(0, [])) >= 30, what="row 0 to get going")
+        b = Job("stories260k", tok.encode("Lily", bos=True), Sampling(max_tokens=45, **greedy), index=1)
+        e.submit([b])
+        assert a.done.wait(30) and b.done.wait(30)
+        for job in (a, b):
+            want = reference_greedy(e.model, job.prompt_ids, job.sampling.max_tokens)
+            assert recorded[job.index] == want
+        assert e.stats["compactions"] >= 1
+    finally:
+        e.stop()
+
+
 def test_seed_makes_sampling_reproducible(engine):
     engine.start()
     tok = engine.tokenizer
@@ -261,7 +292,8 @@ def test_models_health_and_page(client):
     assert client.get("/static/../serve.py").status_code == 404
 
 
-def test_chat_completion_and_usage(client, engine):
+def test_chat_completion_and_usage(client, engine, caplog):
+    caplog.set_level(logging.INFO, logger="llama_adapter.serve")
     body = {"model": "stories260k", "messages": [{"role": "user", "content": "Once upon a time"}],
             "max_tokens": 10, "temperature": 0}  # fmt: skip
     r = client.post("/v1/chat/completions", json=body)
@@ -275,6 +307,9 @@ def test_chat_completion_and_usage(client, engine):
     assert 1 <= d["usage"]["completion_tokens"] <= 10
     assert d["usage"]["total_tokens"] == n_prompt + d["usage"]["completion_tokens"]
     assert r.headers["x-request-id"]
+    logged = [rec.getMessage() for rec in caplog.records]
+    assert any("POST /v1/chat/completions 200" in m for m in logged), logged
+    assert any("completion_tokens=" in m and "model=stories260k" in m for m in logged), logged
     # greedy is deterministic, and the adapter changes the answer
     assert client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"] == msg
     other = client.post("/v1/chat/completions", json={**body, "model": "tiny", "max_tokens": 30}).json()

@@ -439,6 +439,7 @@ class Engine:
         n = len(self._rows)
         if self._pos >= self.max_context:
             self._shift(-min(self._pads))
+            self.stats["compactions"] += 1
         if self._ctx_dirty:
             self._ctx = self._gather(self._rows)
             self._ctx_dirty = False
@@ -851,11 +852,7 @@ def build_app(engine: Engine, options: ServeOptions | None = None, *, manage_eng
                 j.cancel()
         for r in reasons:
             if r.startswith("error"):
-                raise APIError(
-                    400 if "takes no images" in r or "text-only" in r else 500,
-                    r.removeprefix("error: "),
-                    type="invalid_request_error" if "images" in r else "server_error",
-                )
+                raise APIError(500, r.removeprefix("error: "), type="server_error")
         return texts, reasons, sum(len(j.prompt_ids) for j in jobs)
 
     def usage(jobs: list[Job]) -> dict[str, int]:
