@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig  # noqa: E402
-from llama_adapter.serve import Engine, Job, Sampling, ServeOptions, _StopText, build_app  # noqa: E402
+from llama_adapter.serve import Engine, Job, Sampling, ServeOptions, build_app  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llama2c"
 
@@ -144,16 +144,6 @@ def wait_for(cond, timeout=20.0, what="condition"):
 
 
 # --- engine -----------------------------------------------------------------------------------
-
-
-def test_stop_text_holds_back_partial_matches():
-    s = _StopText(["END", "\n\n"])
-    assert s.push("hello E") == ("hello ", False)
-    assert s.push("N") == ("", False)
-    assert s.push("X and") == ("ENX and", False)
-    assert s.push(" more\n") == (" more", False)
-    assert s.push("\nrest") == ("", True)
-    assert _StopText([]).push("abc") == ("abc", False)
 
 
 def reference_greedy(model, ids, n, ctx=None):

@@ -25,7 +25,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -41,6 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from .adapter import AdaptedLLaMA, LayerPrompt, PromptState
+from .generate import Sampler, SamplingParams, StopText
 from .model import KVCache, LLaMA
 
 log = logging.getLogger("llama_adapter.serve")
@@ -56,13 +56,27 @@ class QueueFull(Exception):
 
 @dataclass
 class Sampling:
+    """One request's decoding settings in API terms; `params()` gives generate.py's."""
+
     max_tokens: int = 256
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int | None = None
+    repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens whatever the model says
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=max(self.top_p, 1e-9) if self.top_p < 1.0 else None,
+            repetition_penalty=self.repetition_penalty,
+            stop=list(self.stop),
+            seed=self.seed,
+        )
 
 
 class Job:
@@ -108,43 +122,13 @@ class Job:
                 self.cancel()
 
 
-class _StopText:
-    """Holds back text that may be the start of a stop string; cuts at the first full match."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), hold, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = k
-                    break
-        out = self.buf[: len(self.buf) - hold]
-        self.buf = self.buf[len(self.buf) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
 @dataclass
 class _Row:
     job: Job
     next_token: int
     decoder: Any
-    stops: _StopText
-    generator: torch.Generator | None
+    stops: StopText
+    sampler: Sampler
     prompt: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None  # layer -> (k, v, gate)
     prompt_len: int  # adapter_len K of its prompts (rows with different K cannot share a step)
 
@@ -395,12 +379,9 @@ class Engine:
             except Exception as e:
                 self._finish(job, f"error: {e}")
                 continue
-            s = job.sampling
-            gen = None
-            if s.temperature > 0:
-                gen = torch.Generator(device=self.model.output.weight.device)
-                gen.manual_seed(s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-            rows.append(_Row(job, -1, self.tokenizer.decoder(), _StopText(s.stop), gen, prompt, k))
+            params = job.sampling.params()
+            sampler = Sampler(params, [job.prompt_ids], self.model.config.vocab_size, self.model.output.weight.device)
+            rows.append(_Row(job, -1, self.tokenizer.decoder(), StopText(params.stop), sampler, prompt, k))
             ids.append(job.prompt_ids)
         if not rows:
             return
@@ -458,23 +439,8 @@ class Engine:
         self._accept(list(self._rows), self._sample(logits, self._rows))
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        logits = logits.float()
-        out = logits.argmax(-1).tolist()
-        for b, row in enumerate(rows):
-            s = row.job.sampling
-            if s.temperature <= 0:
-                continue
-            lg = logits[b] / s.temperature
-            if s.top_k:
-                kth = torch.topk(lg, min(s.top_k, lg.numel())).values[-1]
-                lg = lg.masked_fill(lg < kth, -math.inf)
-            probs = torch.softmax(lg, -1)
-            if s.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                drop = sp.cumsum(-1) - sp > s.top_p  # keep the smallest set reaching top_p
-                probs = torch.zeros_like(probs).scatter_(0, si, sp.masked_fill(drop, 0.0))
-            out[b] = int(torch.multinomial(probs, 1, generator=row.generator))
-        return out
+        """Each row with its own `generate.Sampler` (settings, seed, repetition history)."""
+        return [int(row.sampler(logits[b : b + 1])[0]) for b, row in enumerate(rows)]
 
     def _accept(self, rows: list[_Row], tokens: list[int]) -> None:
         finished = []
@@ -484,23 +450,23 @@ class Engine:
             self.stats["tokens"] += 1
             if job.t_first is None:
                 job.t_first = time.perf_counter()
-            reason, hit = None, False
+            reason = None
             if tok in self.stop_ids and not s.ignore_eos:
                 reason = "stop"
             else:
-                text, hit = row.stops.push(row.decoder.push(tok))
+                text = row.stops.push(row.decoder.push(tok))
                 if text:
                     job.emit(("text", job.index, text))
-                if hit:
+                if row.stops.hit:
                     reason = "stop"
                 elif job.completion_tokens >= s.max_tokens:
                     reason = "length"
             if reason is None:
                 row.next_token = tok
                 continue
-            if not hit:  # end of text: what the decoder and the stop matcher still hold goes out
-                tail, hit = row.stops.push(row.decoder.flush())
-                tail += "" if hit else row.stops.flush()
+            if not row.stops.hit:  # end of text: what the decoder and the stop matcher hold goes out
+                tail = row.stops.push(row.decoder.flush())
+                tail += row.stops.flush()
                 if tail:
                     job.emit(("text", job.index, tail))
             self._finish(job, reason)
@@ -639,6 +605,7 @@ def _sampling(body: dict, default_max_tokens: int) -> Sampling:
         temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
         top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
         top_k=_number(body, "top_k", None, 0, 1 << 30, integer=True) or None,
+        repetition_penalty=float(_number(body, "repetition_penalty", 1.0, 0.01, 100.0)),
         stop=stop,
         seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         ignore_eos=bool(body.get("ignore_eos", False)),
