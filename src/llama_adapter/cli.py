@@ -9,6 +9,12 @@ from dataclasses import fields
 from pathlib import Path
 
 EXAMPLES = {
+    "evaluate": "llama-adapter evaluate --model smollm2-135m-instruct --task loss "
+    "--data ../shared/data/alpaca/alpaca_en_demo.json --limit 50\n"
+    "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/sqa --task mc --format scienceqa "
+    "--data ScienceQA/data/scienceqa --split val --images ScienceQA/images --report sqa.json\n"
+    "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/vqa --task mc --format easyvqa --limit 200\n"
+    "  llama-adapter evaluate --model stories260k --task mc --data mc.jsonl --method generate --skip-bad",
     "generate": "llama-adapter generate --model smollm2-135m-instruct --prompt 'Name three primary colours.'\n"
     "  llama-adapter generate --model stories260k --template plain --prompt 'Once upon a time'\n"
     "  llama-adapter generate --model smollm2-135m-instruct --adapter runs/alpaca --prompt 'Give me a tip.'",
@@ -78,7 +84,35 @@ def _parser() -> argparse.ArgumentParser:
         typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
         f.add_argument(flag, type=typ, default=fld.default, required=fld.name == "data",
                        help=f"(default: {fld.default})")
+    _evaluate_args(cmd("evaluate", "Held-out loss/perplexity or multiple-choice accuracy (JSON report + table)."))
     return p
+
+
+def _evaluate_args(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--model", default="smollm2-135m-instruct", help="base model spec (as for generate)")
+    e.add_argument("--adapter", help="adapter directory written by `finetune`")
+    e.add_argument("--task", choices=["loss", "mc"], required=True, help="loss: loss + perplexity; mc: accuracy")
+    e.add_argument("--data", help="instruction data (loss); problems.json or its folder (scienceqa); JSONL (jsonl)")
+    e.add_argument("--format", choices=["alpaca", "scienceqa", "easyvqa", "jsonl"],
+                   help="default: alpaca for --task loss; scienceqa for a folder / problems.json; easyvqa "
+                   "without --data; else jsonl")
+    e.add_argument("--split", help="scienceqa split (default val); easyvqa split (default test)")
+    e.add_argument("--images", help="scienceqa images/ folder (IMAGES/<split>/<pid>/image.png); jsonl image root")
+    e.add_argument("--method", choices=["loglik", "generate"], default="loglik")
+    e.add_argument("--norm", choices=["sum", "mean"], default="sum", help="loglik: sum or per-token mean log-prob")
+    e.add_argument("--target", choices=["letter", "text"], default="letter",
+                   help="loglik: score the option letter (' A') or the option text")
+    e.add_argument("--candidates", choices=["kind", "all"], default="kind",
+                   help="easyvqa: answers of the question's kind (yes/no, shape, colour) or all 13")
+    e.add_argument("--template", default="auto", help="auto (the adapter's, else chatml/plain), plain, alpaca, chatml")
+    e.add_argument("--limit", type=int, help="first N items")
+    e.add_argument("--batch-size", type=int, default=8, help="questions (mc) or examples (loss) per forward")
+    e.add_argument("--max-len", type=int, default=512, help="loss: tokens per example")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="generate: tokens to decode per answer")
+    e.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
+    e.add_argument("--report", help="write the JSON report here")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +285,17 @@ def _finetune_argv(targs, verbose: bool) -> list[str]:
     return argv
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "finetune": cmd_finetune}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import fields as dc_fields
+
+    from .evaluate import EvalArgs, format_table, run
+
+    kw = {f.name: getattr(args, f.name) for f in dc_fields(EvalArgs) if hasattr(args, f.name)}
+    print(format_table(run(EvalArgs(**kw, progress=not args.no_progress))))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "finetune": cmd_finetune, "evaluate": cmd_evaluate}
 
 if __name__ == "__main__":
     sys.exit(main())
