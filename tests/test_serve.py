@@ -28,7 +28,8 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llama2c
 
 
 def tiny_base():
-    """The real stories260k model and tokenizer."""
+    """The real stories260k model and tokenizer (random weights of the same shape only while
+    checkpoint.py has not landed; remove that fallback once it has)."""
     try:
         from llama_adapter.checkpoint import load_model
     except ImportError:
