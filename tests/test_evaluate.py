@@ -325,3 +325,51 @@ def test_easyvqa_items():
         assert Path(it.image).is_file() and it.choices[it.answer]
         assert it.meta["kind"] in ("yes/no", "shape", "color")
     assert ev.load_easyvqa("test", candidates="all", limit=1).items[0].choices.__len__() == 13
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+STORIES = SHARED / "llama2c" / "stories260K.bin"
+
+
+def test_cli_evaluate_mc_and_loss(tmp_path, capsys):
+    pytest.importorskip("llama_adapter.checkpoint")
+    from llama_adapter.cli import main
+
+    p = tmp_path / "mc.jsonl"
+    rows = [
+        {"question": "Who went to the park?", "choices": ["Lily", "the moon"], "answer": 0},
+        {"question": "q", "choices": ["a", "b"], "answer": 9},
+        {"question": "What did Tom eat?", "choices": ["an apple", "a car", "a cloud"], "answer": "A"},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["evaluate", "--model", str(STORIES), "--task", "mc", "--data", str(p), "--no-progress"]) == 2
+    assert f"{p}:2: answer index 9 out of range" in capsys.readouterr().err
+    report = tmp_path / "r.json"
+    argv = [
+        "evaluate",
+        "--model",
+        str(STORIES),
+        "--task",
+        "mc",
+        "--data",
+        str(p),
+        "--skip-bad",
+        "--target",
+        "text",
+        "--norm",
+        "mean",
+        "--report",
+        str(report),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rep = json.loads(report.read_text())
+    assert rep["n"] == 2 and rep["n_skipped"] == 1 and "skipped bad items: 1" in out
+    assert main(argv[:8] + ["--method", "generate", "--no-progress"]) == 0
+    assert "unparsed answers" in capsys.readouterr().out
+
+    data = tmp_path / "val.json"
+    data.write_text(json.dumps([{"instruction": "Tell a story.", "input": "", "output": "Once upon a time."}]))
+    assert main(["evaluate", "--model", str(STORIES), "--task", "loss", "--data", str(data), "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
