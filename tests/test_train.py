@@ -36,7 +36,7 @@ def args_for(tmp_path: Path, data: Path, **kw) -> TrainArgs:
         batch_size=4,
         lr=2e-2,
         warmup_steps=2,
-        max_len=96,
+        max_len=200,
         val_fraction=0.25,
         eval_every=5,
         save_every=3,
@@ -125,7 +125,7 @@ def test_cli_finetune_then_generate_with_adapter(tmp_path, capsys):
             "--adapter-len",
             "2",
             "--max-len",
-            "96",
+            "200",
             "--eval-every",
             "3",
         ]
