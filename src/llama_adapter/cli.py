@@ -9,6 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 EXAMPLES = {
+    "serve": "llama-adapter serve --model smollm2-135m-instruct --adapter alpaca=runs/alpaca --port 8000\n"
+    "  then open http://127.0.0.1:8000/ or POST /v1/chat/completions",
     "evaluate": "llama-adapter evaluate --model smollm2-135m-instruct --task loss "
     "--data ../shared/data/alpaca/alpaca_en_demo.json --limit 50\n"
     "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/sqa --task mc --format scienceqa "
@@ -39,13 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog="example:\n  " + EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog="example:\n  " + EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default="smollm2-135m-instruct",
-                        help="preset name (smollm2-135m-instruct, stories260k) or a path: llama2.c .bin, .gguf, "
-                        "HF directory, Meta directory (default: %(default)s)")
+        sp.add_argument(
+            "--model",
+            default="smollm2-135m-instruct",
+            help="preset name (smollm2-135m-instruct, stories260k) or a path: llama2.c .bin, .gguf, "
+            "HF directory, Meta directory (default: %(default)s)",
+        )
         sp.add_argument("--adapter", help="adapter directory written by `finetune`")
         sp.add_argument("--template", default="auto", help="prompt template: auto, plain, alpaca, chatml")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -64,8 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     g = cmd("generate", "Generate a completion for a prompt, streamed to stdout.")
     model_args(g)
     sampling_args(g)
-    g.add_argument("--prompt", action="append", required=True,
-                   help="prompt text (repeat for a batch; '-' reads stdin)")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch; '-' reads stdin)")
 
     c = cmd("chat", "Interactive chat in the terminal (empty line or Ctrl-D quits).")
     model_args(c)
@@ -82,8 +91,12 @@ def _parser() -> argparse.ArgumentParser:
             f.add_argument(flag, action="store_true", help=f"(default: {fld.default})")
             continue
         typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
-        f.add_argument(flag, type=typ, default=fld.default, required=fld.name == "data",
-                       help=f"(default: {fld.default})")
+        f.add_argument(
+            flag, type=typ, default=fld.default, required=fld.name == "data", help=f"(default: {fld.default})"
+        )
+    from .serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(cmd("serve", "OpenAI-compatible HTTP API (streaming, several adapters, images) + web chat."))
     _evaluate_args(cmd("evaluate", "Held-out loss/perplexity or multiple-choice accuracy (JSON report + table)."))
     return p
 
@@ -93,17 +106,28 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--adapter", help="adapter directory written by `finetune`")
     e.add_argument("--task", choices=["loss", "mc"], required=True, help="loss: loss + perplexity; mc: accuracy")
     e.add_argument("--data", help="instruction data (loss); problems.json or its folder (scienceqa); JSONL (jsonl)")
-    e.add_argument("--format", choices=["alpaca", "scienceqa", "easyvqa", "jsonl"],
-                   help="default: alpaca for --task loss; scienceqa for a folder / problems.json; easyvqa "
-                   "without --data; else jsonl")
+    e.add_argument(
+        "--format",
+        choices=["alpaca", "scienceqa", "easyvqa", "jsonl"],
+        help="default: alpaca for --task loss; scienceqa for a folder / problems.json; easyvqa "
+        "without --data; else jsonl",
+    )
     e.add_argument("--split", help="scienceqa split (default val); easyvqa split (default test)")
     e.add_argument("--images", help="scienceqa images/ folder (IMAGES/<split>/<pid>/image.png); jsonl image root")
     e.add_argument("--method", choices=["loglik", "generate"], default="loglik")
     e.add_argument("--norm", choices=["sum", "mean"], default="sum", help="loglik: sum or per-token mean log-prob")
-    e.add_argument("--target", choices=["letter", "text"], default="letter",
-                   help="loglik: score the option letter (' A') or the option text")
-    e.add_argument("--candidates", choices=["kind", "all"], default="kind",
-                   help="easyvqa: answers of the question's kind (yes/no, shape, colour) or all 13")
+    e.add_argument(
+        "--target",
+        choices=["letter", "text"],
+        default="letter",
+        help="loglik: score the option letter (' A') or the option text",
+    )
+    e.add_argument(
+        "--candidates",
+        choices=["kind", "all"],
+        default="kind",
+        help="easyvqa: answers of the question's kind (yes/no, shape, colour) or all 13",
+    )
     e.add_argument("--template", default="auto", help="auto (the adapter's, else chatml/plain), plain, alpaca, chatml")
     e.add_argument("--limit", type=int, help="first N items")
     e.add_argument("--batch-size", type=int, default=8, help="questions (mc) or examples (loss) per forward")
@@ -118,8 +142,7 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     if not args.command:
         parser.print_help()
         return 2
@@ -168,9 +191,15 @@ def _render(prompt: str, template: str) -> str:
 def _params(args: argparse.Namespace):
     from .generate import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=list(args.stop),
-                          seed=args.seed)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=list(args.stop),
+        seed=args.seed,
+    )
 
 
 def _ctx(model, args: argparse.Namespace, batch: int):
@@ -199,6 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         ctx = _ctx(model, args, len(texts))
         if len(texts) == 1:
+
             def on_text(row: int, delta: str) -> None:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
@@ -220,8 +250,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model, tok, template = _load(args)
     history: list[dict[str, str]] = []
-    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''} (empty line quits)",
-          file=sys.stderr)
+    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''} (empty line quits)", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -295,7 +324,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "finetune": cmd_finetune, "evaluate": cmd_evaluate}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_main  # fastapi is imported only when serving
+
+    return serve_main(args)
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
+}
 
 if __name__ == "__main__":
     sys.exit(main())
