@@ -51,6 +51,17 @@ class AdapterConfig:
     visual_dim: int = 0
     visual_hidden: int = 0  # hidden width of the projection MLP; 0 = the model width
     image_encoder: str | None = None  # recorded so inference builds the same frozen encoder
+    # LLaMA-Adapter V2 / ImageBind-LLM options (implemented in v2.py).
+    bias_scale: bool = False  # y = scale * (W x + b) on every block linear, bias 0 / scale 1 at init
+    train_norms: bool = False  # RMSNorm weights trainable (as copies named adapter_weight)
+    # Early fusion: the visual feature goes only into the first `visual_layers` adapted layers'
+    # prompts; later layers keep text-only prompts. 0 = every adapted layer (V1).
+    visual_layers: int = 0
+    # ImageBind-LLM bind network: modality embedding size (0 = off), residual blocks, hidden width
+    # (0 = 4 * dim); its token is added to every layer through zero-init gates.
+    bind_dim: int = 0
+    bind_blocks: int = 3
+    bind_hidden: int = 0
 
     def validate(self, base: Config) -> None:
         if self.adapter_len < 1:
@@ -64,6 +75,21 @@ class AdapterConfig:
             raise ValueError(f"gate_activation={self.gate_activation!r}: choose 'tanh' or 'identity'")
         if self.visual_dim < 0:
             raise ValueError(f"visual_dim={self.visual_dim} must be >= 0")
+        if self.visual_layers:
+            if self.visual_dim == 0:
+                raise ValueError(
+                    f"visual_layers={self.visual_layers} (early fusion) needs image features, but "
+                    "visual_dim=0 (no image encoder); drop visual_layers or set an image encoder"
+                )
+            if not 0 < self.visual_layers <= self.adapter_layers:
+                raise ValueError(
+                    f"visual_layers={self.visual_layers} must be in 1..adapter_layers={self.adapter_layers}; "
+                    "drop visual_layers or lower it"
+                )
+        if self.bind_dim < 0 or self.bind_blocks < 0 or self.bind_hidden < 0:
+            raise ValueError("bind_dim, bind_blocks and bind_hidden must be >= 0")
+        if self.bind_dim == 0 and (self.bind_blocks != 3 or self.bind_hidden):
+            raise ValueError("bind_blocks/bind_hidden are set but bind_dim=0 (no bind network); drop them")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +125,7 @@ class PromptState:
     """What every adapted layer gets for one forward / one generate call."""
 
     layers: dict[int, LayerPrompt] = field(default_factory=dict)
+    bind: torch.Tensor | None = None  # [B or 1, dim] ImageBind-style token (gated per layer by the blocks)
 
     def get(self, layer_idx: int) -> LayerPrompt | None:
         return self.layers.get(layer_idx)
@@ -210,6 +237,12 @@ class AdaptedLLaMA(nn.Module):
         )
         n = model.config.n_layers
         self.adapted_layers = list(range(n - config.adapter_layers, n))
+        from . import v2  # V2 bias/scale, trainable norms and bind injection live in v2.py
+
+        v2.apply_v2(model, config)
+        self.adapter_bind = v2.make_bind(config, model.config)
+        if self.adapter_bind is not None:
+            self.adapter_bind.to(device)
         for i in self.adapted_layers:
             attn = model.layers[i].attention
             if not isinstance(attn, AdaptedAttention):
@@ -248,24 +281,33 @@ class AdaptedLLaMA(nn.Module):
         *,
         visual: torch.Tensor | None = None,
         has_image: torch.Tensor | None = None,
+        bind: torch.Tensor | None = None,
     ) -> PromptState:
         """Per-layer prompts for one call. `visual` [B, visual_dim] encoder features (projected and
         added to every adapted layer's prompts) or `add` [B, dim] already in model width;
-        `precompute` projects prompt K/V once (inference only)."""
+        `precompute` projects prompt K/V once (inference only). With `visual_layers` (early fusion)
+        `add` / `visual` reach only the first `visual_layers` adapted layers. `bind` [B, bind_dim]
+        is a modality embedding for the bind network (rows masked by `has_image`)."""
         if visual is not None:
             v = self.visual_prompt(visual, has_image)
             add = v if add is None else add + v
         prompts = self.adapter.layer_prompts()
         gates = self.adapter.activated_gates()
         state = PromptState()
+        fused = self.adapter_config.visual_layers or len(self.adapted_layers)
         for j, i in enumerate(self.adapted_layers):
             p = prompts[j][None]
-            if add is not None:
+            if add is not None and j < fused:
                 p = p + add[:, None, :].to(p.dtype)
             lp = LayerPrompt(p, gates[j][None])
             if precompute:
                 lp.kv = self.model.layers[i].attention.prompt_kv(p)
             state.layers[i] = lp
+        if bind is not None:
+            if self.adapter_bind is None:
+                raise ValueError("this adapter has no bind network (bind_dim=0); drop the modality embedding")
+            b = self.adapter_bind(bind.to(self.adapter_bind.proj.weight.dtype))
+            state.bind = b if has_image is None else b * has_image.to(b.dtype)[:, None]
         return state
 
     def forward(self, idx: torch.Tensor, *, ctx: Any = None, **kwargs: Any) -> torch.Tensor:
@@ -280,6 +322,9 @@ class AdaptedLLaMA(nn.Module):
             attn = self.model.layers[i].attention
             if isinstance(attn, AdaptedAttention):
                 self.model.layers[i].attention = attn.unwrap()
+        from . import v2
+
+        v2.remove_v2(self.model)
         return self.model
 
 

@@ -1,0 +1,287 @@
+"""LLaMA-Adapter V2 (arXiv 2304.15010) and ImageBind-LLM (arXiv 2309.03905) extensions.
+
+Everything here is switched on by `AdapterConfig` fields and applied by `AdaptedLLaMA` through
+`apply_v2` / `remove_v2`; every trainable tensor lives under a name part starting with "adapter",
+so the single predicate `adapter.is_adapter_param` drives `requires_grad`, saving and optimiser
+groups for all of it (all V2 tensors are 1-D, so `no_weight_decay` keeps them out of decay):
+
+* `bias_scale`: every linear of every block (wq, wk, wv, wo, w1, w2, w3; V2 tunes all layers)
+  becomes a `ScaledLinear`, `y = adapter_scale * (W x + adapter_bias)`, bias 0 and scale 1 at
+  init (bit-identical outputs). The frozen `weight` keeps its name, so base checkpoints still load.
+* `train_norms`: every RMSNorm of the base (2 per block + the final one) becomes an
+  `AdapterRMSNorm` whose weight is a *copy* stored as `adapter_weight` (the base keeps its own
+  weight; `remove_v2` restores it untouched).
+* `bind_dim`: ImageBind-LLM's bind network maps a frozen modality embedding [B, bind_dim] to one
+  token [B, dim], added to every token at every layer through the `Block.inject` seam with a
+  zero-init per-layer gate: `h + tanh(adapter_bind_gate_l) * bind(feature)`.
+* early fusion (`visual_layers`) lives in `AdaptedLLaMA.prompt_state`.
+
+`fold_bias_scale` exports a plain LLaMA state dict with scale/bias/norms folded into the weights.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .model import Block, LLaMA, RMSNorm
+
+if TYPE_CHECKING:
+    from .adapter import AdaptedLLaMA, AdapterConfig
+
+LINEAR_NAMES = (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
+
+
+class ScaledLinear(nn.Linear):
+    """`y = adapter_scale * (W x + adapter_bias)` around a frozen nn.Linear (shares its weight).
+
+    Bias/scale are fp32 master copies cast to the activation dtype, so they train well under a
+    half-precision base; at init (+0, *1) the output is bit-identical to the wrapped linear.
+    """
+
+    @classmethod
+    def wrap(cls, lin: nn.Linear) -> ScaledLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = lin.in_features, lin.out_features
+        new.weight = lin.weight
+        new.register_parameter("bias", lin.bias)
+        dev = lin.weight.device
+        new.adapter_bias = nn.Parameter(torch.zeros(lin.out_features, device=dev))
+        new.adapter_scale = nn.Parameter(torch.ones(lin.out_features, device=dev))
+        return new
+
+    def unwrap(self) -> nn.Linear:
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight = self.weight
+        lin.register_parameter("bias", self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return (y + self.adapter_bias.to(y.dtype)) * self.adapter_scale.to(y.dtype)
+
+
+class AdapterRMSNorm(RMSNorm):
+    """RMSNorm whose (trainable) weight is registered as `adapter_weight`, a copy of the base's."""
+
+    @classmethod
+    def wrap(cls, norm: RMSNorm) -> AdapterRMSNorm:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.eps = norm.eps
+        new.base_norm = [norm]  # a list: not registered, so the base weight is neither saved nor trained
+        new.adapter_weight = nn.Parameter(norm.weight.detach().clone())
+        return new
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.adapter_weight
+
+    def unwrap(self) -> RMSNorm:
+        return self.base_norm[0]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class BindBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.ffn = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.norm(x))
+
+
+class BindNetwork(nn.Module):
+    """ImageBind-LLM's bind network: Linear(E -> dim) then N x (RMSNorm + SwiGLU) residual blocks.
+
+    Parameters: E*dim + dim (projection with bias) + N * (dim + 3*dim*hidden).
+    """
+
+    def __init__(self, in_dim: int, dim: int, n_blocks: int = 3, hidden: int = 0, eps: float = 1e-6) -> None:
+        super().__init__()
+        hidden = hidden or 4 * dim
+        self.proj = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(BindBlock(dim, hidden, eps) for _ in range(n_blocks))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        x = self.proj(feats)
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class BindInjectBlock(Block):
+    """A base Block (same modules, class swapped in place) whose `inject` adds the gated bind token.
+
+    `adapter_bind_gate` (zero-init scalar) lives on the block, so the base model sees a trainable
+    parameter in every layer and keeps autograd on from layer 0.
+    """
+
+    layer_idx: int
+
+    def inject(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        b = getattr(ctx, "bind", None)
+        if b is None:
+            return x
+        g = torch.tanh(self.adapter_bind_gate).to(x.dtype)
+        return x + g * b[:, None, :].to(x.dtype)
+
+
+def bind_blocks(model: LLaMA, on: bool) -> None:
+    for i, blk in enumerate(model.layers):
+        if on and not isinstance(blk, BindInjectBlock):
+            blk.__class__ = BindInjectBlock
+            blk.layer_idx = i
+            blk.adapter_bind_gate = nn.Parameter(torch.zeros((), device=blk.attention.wq.weight.device))
+        elif not on and isinstance(blk, BindInjectBlock):
+            del blk.adapter_bind_gate
+            blk.__class__ = Block
+
+
+def _linears(model: LLaMA):
+    for blk in model.layers:
+        for sub, names in LINEAR_NAMES:
+            parent = getattr(blk, sub)
+            for n in names:
+                yield parent, n
+
+
+def _norm_slots(model: LLaMA):
+    for blk in model.layers:
+        yield blk, "attention_norm"
+        yield blk, "ffn_norm"
+    yield model, "norm"
+
+
+def apply_v2(model: LLaMA, config: AdapterConfig) -> None:
+    """Bring the base model's modules in line with `config` (wrap what is asked, unwrap the rest)."""
+    for parent, n in _linears(model):
+        lin = getattr(parent, n)
+        if config.bias_scale and not isinstance(lin, ScaledLinear):
+            setattr(parent, n, ScaledLinear.wrap(lin))
+        elif not config.bias_scale and isinstance(lin, ScaledLinear):
+            setattr(parent, n, lin.unwrap())
+    for parent, n in _norm_slots(model):
+        norm = getattr(parent, n)
+        if config.train_norms and not isinstance(norm, AdapterRMSNorm):
+            setattr(parent, n, AdapterRMSNorm.wrap(norm))
+        elif not config.train_norms and isinstance(norm, AdapterRMSNorm):
+            setattr(parent, n, norm.unwrap())
+    bind_blocks(model, bool(config.bind_dim))
+
+
+def remove_v2(model: LLaMA) -> None:
+    from .adapter import AdapterConfig
+
+    apply_v2(model, AdapterConfig(bias_scale=False, train_norms=False, bind_dim=0))
+
+
+def make_bind(config: AdapterConfig, base: Config) -> BindNetwork | None:
+    if not config.bind_dim:
+        return None
+    return BindNetwork(config.bind_dim, base.dim, config.bind_blocks, config.bind_hidden, base.norm_eps)
+
+
+def v2_trainable_count(base: Config, config: AdapterConfig) -> int:
+    """Trainable parameters added by the V2 / bind options (on top of the V1 prompts, gates and
+    visual projection):
+
+    bias_scale:  2 * n_layers * (n_heads*hd + 2*n_kv_heads*hd + 2*dim + 2*hidden_dim)
+    train_norms: (2 * n_layers + 1) * dim
+    bind:        E*dim + dim + N*(dim + 3*dim*bind_hidden) + n_layers   (gates)
+    """
+    c, hd = base, base.head_dim
+    n = 0
+    if config.bias_scale:
+        n += 2 * c.n_layers * (c.n_heads * hd + 2 * c.n_kv_heads * hd + 2 * c.dim + 2 * c.hidden_dim)
+    if config.train_norms:
+        n += (2 * c.n_layers + 1) * c.dim
+    if config.bind_dim:
+        h = config.bind_hidden or 4 * c.dim
+        n += config.bind_dim * c.dim + c.dim + config.bind_blocks * (c.dim + 3 * c.dim * h) + c.n_layers
+    return n
+
+
+def fold_bias_scale(model: AdaptedLLaMA | LLaMA, *, allow_bias: bool = False) -> dict[str, torch.Tensor]:
+    """A plain-LLaMA state dict (this package's names, see checkpoint.py for HF names) with the V2
+    scale/bias folded into the weights (W' = scale * W, b' = scale * b) and trained norm weights
+    in place of the base ones. The adaption prompts / bind network are not part of it.
+
+    LLaMA linears have no bias, so a non-zero bias can only be exported where the consumer has a
+    place for it: HF `LlamaConfig(attention_bias=True, mlp_bias=True)` gives q/k/v/o_proj and
+    gate/up/down_proj biases. Without `allow_bias` a non-zero bias raises; with it, the dict holds
+    `...wq.bias` etc. for every linear (load with `folded_llama`).
+    """
+    base = model.model if hasattr(model, "adapted_layers") else model
+    sd: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, t in base.state_dict().items():
+            if "adapter_" not in name:
+                sd[name] = t.clone()
+        for i, blk in enumerate(base.layers):
+            for sub, names in LINEAR_NAMES:
+                for n in names:
+                    lin = getattr(getattr(blk, sub), n)
+                    if not isinstance(lin, ScaledLinear):
+                        continue
+                    key = f"layers.{i}.{sub}.{n}"
+                    w = lin.weight
+                    dt = torch.promote_types(w.dtype, torch.float32)  # fold in (at least) fp32
+                    s = lin.adapter_scale.to(dt)
+                    sd[f"{key}.weight"] = (s[:, None] * w.to(dt)).to(w.dtype)
+                    b = s * lin.adapter_bias.to(dt)
+                    if lin.bias is not None:
+                        b = b + s * lin.bias.to(dt)
+                    if bool(b.any()):
+                        if not allow_bias:
+                            raise ValueError(
+                                f"{key} has a non-zero bias, which a LLaMA linear cannot hold; pass "
+                                "allow_bias=True and export with HF attention_bias/mlp_bias, or train "
+                                "with bias_scale off"
+                            )
+                    if allow_bias:
+                        sd[f"{key}.bias"] = b.to(w.dtype)
+        for key, norm in _named_norms(base):
+            if isinstance(norm, AdapterRMSNorm):
+                sd[f"{key}.weight"] = norm.adapter_weight.detach().clone().to(norm.base_norm[0].weight.dtype)
+    return sd
+
+
+def _named_norms(model: LLaMA):
+    for i, blk in enumerate(model.layers):
+        yield f"layers.{i}.attention_norm", blk.attention_norm
+        yield f"layers.{i}.ffn_norm", blk.ffn_norm
+    yield "norm", model.norm
+
+
+def folded_llama(config: Config, sd: dict[str, torch.Tensor]) -> LLaMA:
+    """A plain LLaMA holding `fold_bias_scale`'s output (linears get biases where the dict has them)."""
+    m = LLaMA(config).to(sd["tok_embeddings.weight"].dtype)
+    for i, blk in enumerate(m.layers):
+        for sub, names in LINEAR_NAMES:
+            parent = getattr(blk, sub)
+            for n in names:
+                lin = getattr(parent, n)
+                if f"layers.{i}.{sub}.{n}.bias" in sd:
+                    new = nn.Linear(lin.in_features, lin.out_features, bias=True, dtype=lin.weight.dtype)
+                    setattr(parent, n, new)
+    m.load_state_dict(sd, strict=True)
+    return m
