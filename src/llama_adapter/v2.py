@@ -17,6 +17,11 @@ groups for all of it (all V2 tensors are 1-D, so `no_weight_decay` keeps them ou
 * early fusion (`visual_layers`) lives in `AdaptedLLaMA.prompt_state`.
 
 `fold_bias_scale` exports a plain LLaMA state dict with scale/bias/norms folded into the weights.
+
+Limitation: unlike V1 prompts (which live in the wrapper), bias/scale, norm copies and bind gates
+live in the base model's modules, so one base can carry only one V2/bind adapter at a time; a
+second `AdaptedLLaMA` on the same base re-uses (V2 options on) or removes (off) them. Serving
+several V2 adapters on one base needs a base copy each, or `fold_bias_scale` per adapter.
 """
 
 from __future__ import annotations
