@@ -196,3 +196,23 @@ def test_bind_zero_init_count_and_gradients():
         assert torch.equal(masked[0], ref[0]) and not torch.equal(masked[1], ref[1])
     plain = m.detach_base()
     assert type(plain.layers[0]).__name__ == "Block" and not hasattr(plain.layers[0], "adapter_bind_gate")
+
+
+def test_fold_zero_bias_exports_to_hf_and_reloads(tmp_path):
+    from llama_adapter.checkpoint import load_model, save_hf
+
+    base = tiny(2)
+    m = AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=1, bias_scale=True, train_norms=True))
+    perturb(m)
+    with torch.no_grad():
+        for mod in base.modules():
+            if isinstance(mod, ScaledLinear):
+                mod.adapter_bias.zero_()
+    m.adapter.gates.data.zero_()  # compare the base path only: prompts are not part of the export
+    x = idx()
+    with torch.no_grad():
+        want = m(x)
+    save_hf(folded_llama(base.config, fold_bias_scale(m)), tmp_path / "hf")
+    reloaded = load_model(tmp_path / "hf", progress=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), want, rtol=1e-5, atol=1e-5)
