@@ -1,5 +1,6 @@
 """Checkpoint loading: llama2.c, GGUF, Hugging Face, Meta; resolution of names; errors that name the problem."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from llama_adapter import checkpoint as ckpt
 from llama_adapter.checkpoint import half_to_interleaved, load_model, resolve, save_hf
 from llama_adapter.config import Config
-from llama_adapter.model import LLaMA
+from llama_adapter.model import LLaMA, rope_frequencies
 
 
 def random_model(seed: int = 0, **kw) -> LLaMA:
@@ -219,7 +220,9 @@ def q8_roundtrip(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), Q.Q8_0), Q.Q8_0))
 
 
-def write_gguf(model: LLaMA, path: Path, quant: bool, arch: str = "llama", norm_type: Q | None = None) -> LLaMA:
+def write_gguf(
+    model: LLaMA, path: Path, quant: bool, arch: str = "llama", norm_type: Q | None = None, extra: dict | None = None
+) -> LLaMA:
     """A llama.cpp-style GGUF of `model` (q/k interleaved). Returns the model with the weights as stored."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -253,6 +256,8 @@ def write_gguf(model: LLaMA, path: Path, quant: bool, arch: str = "llama", norm_
         if kind in ("wq", "wk"):
             t = ckpt.interleaved_to_half(t, c.n_heads if kind == "wq" else c.n_kv_heads)
         stored[ours] = t
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, t.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -276,6 +281,19 @@ def test_gguf_synthetic_roundtrip(tmp_path, quant, tied):
         torch.testing.assert_close(logits(loaded, IDS), logits(model, IDS), atol=1e-5, rtol=0)
 
 
+def test_gguf_llama31_rope_freqs_become_rope_scaling(tmp_path):
+    """llama.cpp stores Llama-3.1 RoPE scaling as per-frequency divisors `rope_freqs.weight`."""
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    model = random_model(dim=64, rope_theta=500000.0, rope_scaling=scaling)
+    plain = rope_frequencies(dataclasses.replace(model.config, rope_scaling=None))
+    factors = plain / rope_frequencies(model.config)
+    assert {round(float(f), 3) for f in factors} > {1.0, 8.0}  # all three bands occur
+    write_gguf(model, tmp_path / "m.gguf", quant=False, extra={"rope_freqs.weight": factors})
+    loaded = load_model(tmp_path / "m.gguf")
+    assert loaded.config.rope_scaling == scaling
+    torch.testing.assert_close(logits(loaded, IDS), logits(model, IDS), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.BF16])
 def test_dequantize_matches_gguf_py(qtype):
     rng = np.random.default_rng(0)
@@ -297,7 +315,12 @@ def test_gguf_unsupported_type_and_architecture(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    return load_model("smollm2-135m-instruct")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures start before the autouse one_thread
+    try:
+        return load_model("smollm2-135m-instruct")
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_smollm2_gguf_config_and_forward(smollm2, smollm2_gguf):
