@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import Config
@@ -211,6 +212,7 @@ class LLaMA(nn.Module):
         hidden_only: bool = False,
         last_only: bool = False,
         grad_from: int | None = None,
+        checkpoint_activations: bool = False,
     ) -> torch.Tensor:
         """idx [B, T] token ids at positions start..start+T-1 -> logits [B, T, vocab].
 
@@ -221,6 +223,8 @@ class LLaMA(nn.Module):
         grad_from: first layer whose forward needs autograd (an adapter knows its lowest adapted
         layer); by default the first layer holding a trainable parameter. Layers below it run
         under no_grad, so no backward pass goes through the frozen bottom.
+        checkpoint_activations: when training, keep only each block's input for the layers from
+        `grad_from` up and recompute the block in the backward pass (less memory, one extra forward).
         """
         B, T = idx.shape
         end = start + T
@@ -252,9 +256,14 @@ class LLaMA(nn.Module):
         first = grad_from if grad_from is not None else self.first_trainable_layer()
         if self.tok_embeddings.weight.requires_grad:
             first = 0
+        grad = torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first):
-                x = layer(x, rope, mask, None if cache is None else cache[i], start, ctx)
+            with torch.set_grad_enabled(grad and i >= first):
+                c = None if cache is None else cache[i]
+                if checkpoint_activations and grad and i >= first:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, c, start, ctx, use_reentrant=False)
+                else:
+                    x = layer(x, rope, mask, c, start, ctx)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
