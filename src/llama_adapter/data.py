@@ -129,6 +129,8 @@ class Encoded:
     labels: list[int]  # IGNORE_INDEX on prompt tokens, the token id on response tokens
     truncated: bool = False  # the response was cut at max_len
     dropped: bool = False  # the prompt alone leaves no room for a response token; input_ids/labels are empty
+    visual: Any = None  # image features [F] for a multimodal adapter (None: text-only data)
+    has_image: bool = False
 
 
 def _end_ids(tokenizer: Tokenizer, template: str) -> list[int]:
@@ -195,11 +197,15 @@ def encode_example(example: dict, tokenizer: Tokenizer, template: str, max_len: 
 class InstructionDataset(Sequence):
     """Encoded examples (dropped ones removed); `n_truncated` / `n_dropped` count what max_len cost."""
 
-    def __init__(self, examples: Sequence[dict], tokenizer: Tokenizer, template: str, max_len: int):
+    def __init__(self, examples: Sequence[dict], tokenizer: Tokenizer, template: str, max_len: int,
+                 visual: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`visual`: (features [N, F], has_image [N]) aligned with `examples` (multimodal.example_features)."""
         self.items: list[Encoded] = []
         self.n_truncated = self.n_dropped = 0
-        for ex in examples:
+        for i, ex in enumerate(examples):
             enc = encode_example(ex, tokenizer, template, max_len)
+            if visual is not None:
+                enc.visual, enc.has_image = visual[0][i], bool(visual[1][i])
             self.n_dropped += enc.dropped
             self.n_truncated += enc.truncated
             if not enc.dropped:
@@ -240,7 +246,13 @@ def collate(items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
         n = lengths[b]
         input_ids[b, :n] = torch.tensor(_get(it, "input_ids"), dtype=torch.long)
         labels[b, :n] = torch.tensor(_get(it, "labels"), dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels, "lengths": torch.tensor(lengths, dtype=torch.long)}
+    out = {"input_ids": input_ids, "labels": labels, "lengths": torch.tensor(lengths, dtype=torch.long)}
+    vis = [getattr(it, "visual", None) if not isinstance(it, dict) else it.get("visual") for it in items]
+    if items and all(v is not None for v in vis):
+        out["visual"] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vis])
+        out["has_image"] = torch.tensor(
+            [bool(it.get("has_image", True) if isinstance(it, dict) else it.has_image) for it in items])
+    return out
 
 
 def batch_indices(

@@ -78,7 +78,10 @@ class TrainArgs:
     strategy: str = "ddp"  # ddp: frozen base replicated | fsdp: frozen base sharded (FSDP2); see distributed.py
     dist_timeout_s: float = 600.0  # a collective that waits longer fails the run (a rank crashed or hangs)
     resume: bool = False
-    image_encoder: str | None = None
+    image_encoder: str | None = None  # multimodal: image JSONL data, a frozen encoder, a trainable projection
+    image_encoder_weights: str | None = None  # local encoder checkpoint (None: the encoder's packaged weights)
+    feature_cache: str | None = None  # folder caching encoder features by image hash (default OUT/feature_cache)
+    val_data: str | None = None  # held-out data file (default: val_fraction of --data)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -445,28 +448,52 @@ def _finetune(args: TrainArgs, par: Parallel) -> FitResult:
     out = Path(args.out)
     if (out / "checkpoints").exists() and not args.resume and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    examples = load_examples(args.data)
-    # bf16: the frozen base is stored in bf16 (half the memory; autocast computes in bf16 anyway),
-    # the adapter and its optimizer state stay fp32.
-    base = load_model(args.model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    encoder = None
+    if args.image_encoder:
+        from .multimodal import load_image_encoder, load_image_examples
+
+        examples = load_image_examples(args.data)
+        encoder = load_image_encoder(args.image_encoder, args.image_encoder_weights)
+    else:
+        examples = load_examples(args.data)
+    base = load_model(args.model)
     tok = load_tokenizer(base.config.extra["tokenizer"])
     template = args.template or getattr(tok, "chat_template", None) or "alpaca"
     n_layers = base.config.n_layers
+    vis_kw: dict[str, Any] = {}
+    if encoder is not None:
+        vis_kw = {"visual_dim": encoder.feature_dim, "image_encoder": args.image_encoder}
     cfg = AdapterConfig(adapter_len=args.adapter_len,
-                        adapter_layers=args.adapter_layers or min(30, n_layers), gate_init=args.gate_init)
+                        adapter_layers=args.adapter_layers or min(30, n_layers), gate_init=args.gate_init, **vis_kw)
     torch.manual_seed(args.seed)  # the same adapter init in every process and every run
     model = AdaptedLLaMA(base, cfg)
     if not (par.enabled and args.strategy == "fsdp"):  # FSDP moves each rank's shard to the device itself
         model = model.to(args.device)
-    train_ex, val_ex = split_holdout(examples, args.val_fraction, seed=args.seed)
+    if args.val_data:
+        train_ex = examples
+        val_ex = load_image_examples(args.val_data) if encoder is not None else load_examples(args.val_data)
+    else:
+        train_ex, val_ex = split_holdout(examples, args.val_fraction, seed=args.seed)
     val_ex = val_ex[: args.max_val_examples]
-    train_ds = InstructionDataset(train_ex, tok, template, args.max_len)
-    val_ds = InstructionDataset(val_ex, tok, template, args.max_len) if val_ex else []
+    make_ctx = None
+    tv = vv = None
+    if encoder is not None:
+        from .multimodal import example_features, visual_make_ctx
+
+        cache = args.feature_cache or str(out / "feature_cache")
+        tv = example_features(train_ex, encoder, cache)
+        vv = example_features(val_ex, encoder, cache) if val_ex else None
+        make_ctx = visual_make_ctx(model)
+    train_ds = InstructionDataset(train_ex, tok, template, args.max_len, visual=tv)
+    val_ds = InstructionDataset(val_ex, tok, template, args.max_len, visual=vv) if val_ex else []
     log.info("trainable parameters: %d", count_trainable(model))
     metadata = {"train": {**asdict(args), "template": template, "n_train": len(train_ds), "n_val": len(val_ds)},
                 "tokenizer": base.config.extra.get("tokenizer"), "template": template}
+    if encoder is not None:
+        metadata["image_encoder_weights"] = args.image_encoder_weights
     out.mkdir(parents=True, exist_ok=True)
-    res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, out=out, metadata=metadata, parallel=par)
+    res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, out=out, metadata=metadata, parallel=par,
+              make_ctx=make_ctx)
     if res.stopped != "nan" and par.is_main:
         save_adapter(model, out, metadata=metadata)
     return res
