@@ -454,3 +454,157 @@ def load_adapter_weights(model: AdaptedLLaMA, path: str | Path) -> None:
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(sd[name].to(p.dtype))
+
+
+# ------------------------------------------------------------------------------------ several adapters
+class AdapterBank(nn.Module):
+    """Several V1 prompt adapters over ONE frozen base; each row of a batch picks its own.
+
+    The base's top attentions are wrapped once (in place, sharing the base weights, exactly as
+    `AdaptedLLaMA` does); the bank itself holds only the adapters' small tensors, stacked:
+    `prompts` [N + 1, L, K, dim] and activated gates `gates` [N + 1, L, n_heads] (the last entry is
+    "no adapter": zero prompts, zero gates). Switching adapters is a gather, never a reload.
+
+        bank = AdapterBank(base)
+        bank.add("alpaca", "runs/alpaca"); bank.add("code", "runs/code")
+        rows = bank.rows(["alpaca", None, "code"])         # LongTensor [B]; -1 = frozen base
+        logits = bank(idx, rows=rows)                       # or: generate(base, prompts, params,
+                                                            #        ctx=bank.prompt_state(rows))
+
+    Shapes across adapters: every adapter must have the same `adapter_len` K (prompt blocks of
+    different lengths cannot share one softmax without a mask; a clear error says so). Different
+    `adapter_layers` are padded, exactly: the bank adapts the top max(L) layers and an adapter with
+    fewer layers gets gate 0 (and zero prompts) in the layers below its own, which adds nothing.
+    Gates are stored activated (`tanh(g)` or `g`), so adapters with different `gate_activation`
+    mix freely. Only text V1 adapters fit: V2 bias/scale, trainable norms and bind networks live in
+    the base modules (one per base, see v2.py) and visual adapters need their projection; use
+    `AdaptedLLaMA` for those.
+    """
+
+    def __init__(self, model: LLaMA) -> None:
+        super().__init__()
+        if isinstance(model, AdaptedLLaMA):
+            model = model.model
+        self.model = model
+        self._names: list[str] = []
+        self.adapter_len: int | None = None
+        self.adapted_layers: list[int] = []
+        c = model.config
+        self.register_buffer("prompts", torch.zeros(1, 0, 0, c.dim), persistent=False)
+        self.register_buffer("gates", torch.zeros(1, 0, c.n_heads), persistent=False)
+
+    @property
+    def config(self) -> Config:
+        return self.model.config
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def index(self, name: str | None) -> int:
+        if name is None:
+            return -1
+        if name not in self._names:
+            raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(self._names) or '(none)'}")
+        return self._names.index(name)
+
+    def rows(self, names: list[str | None]) -> torch.Tensor:
+        """Adapter names per row (None = frozen base) -> the LongTensor [B] `prompt_state` takes."""
+        return torch.tensor([self.index(n) for n in names], dtype=torch.long, device=self.prompts.device)
+
+    def add(self, name: str, adapter: str | Path | AdaptedLLaMA) -> None:
+        """Load an adapter directory (`save_adapter` format) or take an `AdaptedLLaMA`'s tensors
+        (it must wrap this bank's base). Converted PEFT / official adapters: see interop.py."""
+        if name in self._names:
+            raise ValueError(f"adapter name {name!r} is already loaded; pick another name")
+        if isinstance(adapter, AdaptedLLaMA):
+            if adapter.model is not self.model:
+                raise ValueError(f"adapter {name!r} wraps a different base model object; load it onto the bank's base")
+            cfg = adapter.adapter_config
+            prompts, raw_gates = adapter.adapter.prompts.detach(), adapter.adapter.gates.detach()
+        else:
+            meta = read_adapter_config(adapter)
+            check_compatible(meta, self.config, where=str(adapter))
+            cfg = AdapterConfig.from_dict(meta["adapter"])
+            cfg.validate(self.config)
+            path = Path(adapter) / ADAPTER_WEIGHTS
+            if not path.is_file():
+                raise ValueError(f"adapter weights {path} not found")
+            sd = load_file(path)
+            want = {
+                "adapter.prompts": (cfg.adapter_layers * cfg.adapter_len, self.config.dim),
+                "adapter.gates": (cfg.adapter_layers, self.config.n_heads),
+            }
+            self._check_v1(name, cfg, extra=sorted(set(sd) - set(want)))
+            for key, shape in want.items():
+                if key not in sd or tuple(sd[key].shape) != shape:
+                    got = list(sd[key].shape) if key in sd else "missing"
+                    raise ValueError(f"{path}: {key} is {got}, expected {list(shape)} for K={cfg.adapter_len}, "
+                                     f"L={cfg.adapter_layers} on this base")  # fmt: skip
+            prompts, raw_gates = sd["adapter.prompts"], sd["adapter.gates"]
+        self._check_v1(name, cfg)
+        if self.adapter_len is not None and cfg.adapter_len != self.adapter_len:
+            raise ValueError(
+                f"adapter {name!r} has adapter_len={cfg.adapter_len}, the bank's adapters have "
+                f"{self.adapter_len}; adapters in one bank need the same prompt length K (use a second bank)"
+            )
+        gates = torch.tanh(raw_gates.float()) if cfg.gate_activation == "tanh" else raw_gates.float()
+        self._append(name, prompts.float().view(cfg.adapter_layers, cfg.adapter_len, -1), gates)
+
+    def _check_v1(self, name: str, cfg: AdapterConfig, extra: list[str] | None = None) -> None:
+        v2 = [f for f in ("bias_scale", "train_norms", "visual_dim", "bind_dim") if getattr(cfg, f, 0)]
+        if v2 or extra:
+            raise ValueError(
+                f"adapter {name!r} is not a text-only V1 prompt adapter ({', '.join(v2) or extra} set); "
+                "V2/bind adapters change base modules and visual adapters need their projection, so they "
+                "cannot share a base in a bank; load them with load_adapter instead"
+            )
+
+    def _append(self, name: str, prompts: torch.Tensor, gates: torch.Tensor) -> None:
+        """prompts [L, K, dim], activated gates [L, n_heads]; grow the stack to max(L) layers."""
+        L, K, dim = prompts.shape
+        n = self.config.n_layers
+        new_l = max(L, len(self.adapted_layers))
+        old = self.prompts.shape[0] - 1  # adapters already stacked (without the "no adapter" entry)
+        old_l = len(self.adapted_layers)
+        dev = self.prompts.device
+        P = torch.zeros(old + 2, new_l, K, dim, device=dev)
+        G = torch.zeros(old + 2, new_l, self.config.n_heads, device=dev)
+        if old:  # existing adapters keep their top rows; new lower layers get gate 0
+            P[:old, new_l - old_l :] = self.prompts[:old].float()
+            G[:old, new_l - old_l :] = self.gates[:old].float()
+        P[old, new_l - L :] = prompts.to(dev)
+        G[old, new_l - L :] = gates.to(dev)
+        self.prompts, self.gates = P.to(self.prompts.dtype), G.to(self.gates.dtype)
+        self.adapter_len = K
+        self._names.append(name)
+        self.adapted_layers = list(range(n - new_l, n))
+        for i in self.adapted_layers:  # wrap once; AdaptedAttention shares the base's projections
+            attn = self.model.layers[i].attention
+            if not isinstance(attn, AdaptedAttention):
+                self.model.layers[i].attention = AdaptedAttention.wrap(attn, i)
+
+    def prompt_state(self, rows: torch.Tensor, precompute: bool = True) -> PromptState:
+        """Per-row prompts [B, K, dim] and gates [B, n_heads] for every adapted layer; row index -1
+        (or an adapter that does not reach a layer) gets gate 0, i.e. the frozen base exactly.
+        `precompute` projects prompt K/V once per adapter (not per row) and gathers them."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.prompts.device)
+        n = len(self._names)
+        if rows.ndim != 1 or bool(((rows < -1) | (rows >= n)).any()):
+            raise ValueError(f"rows must be a 1-D tensor of adapter indices in -1..{n - 1}; got {rows.tolist()}")
+        idx = torch.where(rows < 0, n, rows)  # -1 -> the "no adapter" entry
+        state = PromptState()
+        for j, i in enumerate(self.adapted_layers):
+            gate = self.gates[idx, j]
+            attn = self.model.layers[i].attention
+            if precompute:
+                k, v = attn.prompt_kv(self.prompts[:, j])  # [N + 1, Hkv, K, hd], once per adapter
+                lp = LayerPrompt(self.prompts[idx, j], gate, (k[idx], v[idx]))
+            else:
+                lp = LayerPrompt(self.prompts[idx, j], gate)
+            state.layers[i] = lp
+        return state
+
+    def forward(self, idx: torch.Tensor, *, rows: torch.Tensor, ctx: Any = None, **kwargs: Any) -> torch.Tensor:
+        if ctx is None:
+            ctx = self.prompt_state(rows, precompute=True)
+        return self.model(idx, ctx=ctx, **kwargs)
