@@ -486,7 +486,7 @@ def test_different_adapter_lengths_wait_for_each_other():
 
 @pytest.fixture(scope="module")
 def live():
-    e = make_engine(step_delay=0.002)
+    e = make_engine(step_delay=0.01)
     with LiveServer(build_app(e)) as s:
         s.engine = e
         yield s
