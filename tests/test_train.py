@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from llama_adapter.checkpoint import load_model
 
 from llama_adapter import train as train_mod
 from llama_adapter.adapter import load_adapter
+from llama_adapter.checkpoint import load_model
 from llama_adapter.cli import main
 from llama_adapter.train import TrainArgs, cosine_lr, finetune, read_metrics
 
@@ -170,3 +170,43 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
     bad.mkdir()
     assert main(["generate", "--model", str(STORIES), "--adapter", str(bad), "--prompt", "hi"]) == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
+
+
+def test_cli_adapters_list_inspect_and_convert_roundtrip(tmp_path, capsys):
+    data = small_dataset(tmp_path)
+    out = tmp_path / "ads" / "tiny"
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(STORIES),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--template",
+                "alpaca",
+                "--adapter-len",
+                "3",
+                "--max-len",
+                "200",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["adapters", "list", str(tmp_path / "ads")]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny" in listing and "3240" not in listing and " 3 " in listing
+    assert main(["adapters", "inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["adapter_len"] == 3 and info["base"]["dim"] == 64
+    assert main(["convert", "adapter", str(out), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    assert main(["convert", "adapter", str(tmp_path / "peft"), str(tmp_path / "back"), "--base", str(STORIES)]) == 0
+    before = load_adapter(load_model(STORIES), out).adapter.prompts
+    after = load_adapter(load_model(STORIES), tmp_path / "back").adapter.prompts
+    assert torch.equal(before, after)

@@ -9,6 +9,11 @@ from dataclasses import fields
 from pathlib import Path
 
 EXAMPLES = {
+    "convert": "llama-adapter convert adapter peft_dir/ runs/from_peft --to ours --base smollm2-135m-instruct\n"
+    "  llama-adapter convert adapter runs/alpaca runs/alpaca_peft --to peft\n"
+    "  llama-adapter convert adapter llama_adapter_len10_layer30_release.pth runs/official --base llama7b_dir\n"
+    "  llama-adapter convert base smollm2-135m-instruct hf_out/ --dtype bfloat16",
+    "adapters": "llama-adapter adapters list runs/\n  llama-adapter adapters inspect runs/alpaca --json",
     "serve": "llama-adapter serve --model smollm2-135m-instruct --adapter alpaca=runs/alpaca --port 8000\n"
     "  then open http://127.0.0.1:8000/ or POST /v1/chat/completions",
     "evaluate": "llama-adapter evaluate --model smollm2-135m-instruct --task loss "
@@ -94,6 +99,32 @@ def _parser() -> argparse.ArgumentParser:
         f.add_argument(
             flag, type=typ, default=fld.default, required=fld.name == "data", help=f"(default: {fld.default})"
         )
+    cv = cmd("convert", "Convert adapters (ours / PEFT / official LLaMA-Adapter) or base checkpoints (to HF).")
+    cvs = cv.add_subparsers(dest="what", metavar="WHAT", required=True)
+    ca = cvs.add_parser("adapter", help="SRC adapter (dir or .pth) -> DST in another format")
+    ca.add_argument("src")
+    ca.add_argument("dst")
+    ca.add_argument("--to", choices=["ours", "peft", "official"], default="ours")
+    ca.add_argument("--base", help="base model spec (needed to import PEFT/official adapters)")
+    ca.add_argument(
+        "--gate-activation",
+        choices=["identity", "tanh"],
+        help="official adapters: identity reproduces the released demo, tanh the training code",
+    )
+    ca.add_argument("--adapter-len", type=int, help="K, when it cannot be inferred from the shapes")
+    ca.add_argument("--strict", action="store_true", help="refuse approximate conversions")
+    cb = cvs.add_parser("base", help="any base checkpoint -> Hugging Face safetensors directory")
+    cb.add_argument("src")
+    cb.add_argument("out")
+    cb.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cb.add_argument("--shard-size", default="5GB")
+    ad = cmd("adapters", "List or inspect adapters: config, size, parameters and the base they need.")
+    ads = ad.add_subparsers(dest="what", metavar="WHAT", required=True)
+    ads.add_parser("list", help="every adapter under DIR").add_argument("dir")
+    ai = ads.add_parser("inspect", help="one adapter (dir, PEFT dir or official .pth)")
+    ai.add_argument("path")
+    ai.add_argument("--json", action="store_true")
+
     from .serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(cmd("serve", "OpenAI-compatible HTTP API (streaming, several adapters, images) + web chat."))
@@ -324,6 +355,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from . import interop
+
+    if args.what == "adapter":
+        report = interop.convert_adapter(
+            args.src,
+            args.dst,
+            to=args.to,
+            base=args.base,
+            gate_activation=args.gate_activation,
+            adapter_len=args.adapter_len,
+            strict=args.strict,
+        )
+    else:
+        report = interop.convert_base(args.src, args.out, dtype=getattr(torch, args.dtype), shard_size=args.shard_size)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    import json
+
+    from . import interop
+
+    if args.what == "inspect":
+        info = interop.inspect_adapter(args.path)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            for k, v in info.items():
+                if k != "tensors":
+                    print(f"{k:22} {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+        return 0
+    rows = interop.list_adapters(args.dir)
+    print(f"{'name':30} {'format':10} {'K':>4} {'L':>4} {'params':>10} {'size':>10}  base")
+    for r in rows:
+        base = r.get("base") or {}
+        cfg = r.get("config") or {}
+        print(
+            f"{str(r.get('name', '')):30} {str(r.get('format', '')):10} {str(cfg.get('adapter_len', '')):>4} "
+            f"{str(cfg.get('adapter_layers', '')):>4} {str(r.get('trainable_parameters', '')):>10} "
+            f"{str(r.get('size_bytes', '')):>10}  {base.get('name', '') if isinstance(base, dict) else base}"
+            f"{'  error: ' + r['error'] if r.get('error') else ''}"
+        )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve_main  # fastapi is imported only when serving
 
@@ -331,6 +413,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "convert": cmd_convert,
+    "adapters": cmd_adapters,
     "serve": cmd_serve,
     "generate": cmd_generate,
     "chat": cmd_chat,

@@ -456,7 +456,9 @@ def _finetune(args: TrainArgs, par: Parallel) -> FitResult:
         encoder = load_image_encoder(args.image_encoder, args.image_encoder_weights)
     else:
         examples = load_examples(args.data)
-    base = load_model(args.model)
+    # bf16: the frozen base is stored in bf16 (half the memory; autocast computes in bf16 anyway),
+    # the adapter and its optimizer state stay fp32.
+    base = load_model(args.model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
     tok = load_tokenizer(base.config.extra["tokenizer"])
     template = args.template or getattr(tok, "chat_template", None) or "alpaca"
     n_layers = base.config.n_layers
