@@ -5,12 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/alpaca_smollm2}
 DATA=${DATA:-../shared/data/alpaca/alpaca_en_demo.json}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-30}
 EXTRA=()
 [ "$STEPS" != 0 ] && EXTRA+=(--max-steps "$STEPS")
 .venv/bin/llama-adapter finetune --model smollm2-135m-instruct --data "$DATA" --out "$OUT" \
   --template alpaca --adapter-len 10 --adapter-layers 30 --epochs 1 --warmup-steps 10 --lr 5e-3 \
-  --batch-size 4 --max-len 256 --eval-every 20 --save-every 20 --max-val-examples 40 "${EXTRA[@]}"
+  --batch-size 4 --max-len 256 --save-every 15 --max-val-examples 24 --eval-every 15 "${EXTRA[@]}"
 Q="Give three tips for staying healthy."
 echo "--- base model (alpaca template, no adapter):"
 .venv/bin/llama-adapter generate --model smollm2-135m-instruct --template alpaca --prompt "$Q" --max-new-tokens 80
