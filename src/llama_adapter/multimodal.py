@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
+
+from .adapter import _atomic_write
 
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are rejected (PIL decompression-bomb guard)
 CACHE_VERSION = 1  # bump when preprocessing or feature definitions change
@@ -688,18 +689,6 @@ class FeatureCache:
                 )
             rows.append(f)
         return torch.stack(rows) if rows else torch.zeros(0, self.encoder.feature_dim)
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
