@@ -17,12 +17,13 @@ from llama_adapter.config import Config
 from llama_adapter.model import LLaMA
 
 
-def tiny(n_kv_heads=2, seed=0, **kw):
+def tiny(n_kv_heads=2, seed=0, n_layers=3, **kw):
+    """A random tiny LLaMA (eval mode), shared by the adapter and fast-path tests."""
     torch.manual_seed(seed)
     c = Config(
         name="tiny",
         dim=32,
-        n_layers=3,
+        n_layers=n_layers,
         n_heads=4,
         n_kv_heads=n_kv_heads,
         vocab_size=61,

@@ -1,27 +1,13 @@
 """Every fast path against the plain one: logits and gradients to tight tolerances."""
 
 import torch
+from test_adapter import tiny
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
-from llama_adapter.config import Config
-from llama_adapter.model import LLaMA
 
 
 def adapted(seed=0, n_kv_heads=2, adapter_layers=2):
-    torch.manual_seed(seed)
-    c = Config(
-        name="tiny",
-        dim=32,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=n_kv_heads,
-        vocab_size=61,
-        hidden_dim=48,
-        max_seq_len=64,
-        norm_eps=1e-5,
-    )
-    base = LLaMA(c)
-    base.reset_parameters()
+    base = tiny(n_kv_heads=n_kv_heads, seed=seed, n_layers=4)
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=adapter_layers))
     with torch.no_grad():
         model.adapter.gates.normal_()  # open gates so the prompt branch matters
