@@ -216,3 +216,120 @@ def test_fold_zero_bias_exports_to_hf_and_reloads(tmp_path):
     reloaded = load_model(tmp_path / "hf", progress=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ visual-query blocks
+def vq_config(**kw) -> AdapterConfig:
+    """5 encoder tokens of width 7 (flattened: visual_dim 35), 2 blocks of width 16."""
+    base = dict(adapter_len=3, adapter_layers=3, visual_dim=35, visual_tokens=5, visual_token_dim=7,
+                visual_query_blocks=2, visual_query_dim=16)  # fmt: skip
+    base.update(kw)
+    return AdapterConfig(**base)
+
+
+@pytest.mark.parametrize("extra", [{}, V2, dict(visual_layers=1)])
+def test_visual_query_step0_equals_frozen_with_and_without_image(extra):
+    base = tiny(2)
+    x = idx()
+    with torch.no_grad():
+        ref = base(x)
+        m = AdaptedLLaMA(base, vq_config(**extra))
+        tokens = torch.randn(2, 5, 7)
+        for ctx in (None, m.prompt_state(visual=tokens), m.prompt_state(visual=tokens.flatten(1)),
+                    m.prompt_state(visual=tokens, has_image=torch.tensor([True, False]))):  # fmt: skip
+            assert torch.equal(m(x, ctx=ctx), ref)
+
+
+def test_visual_query_trainable_count_matches_formula():
+    base = tiny(2)
+    c = base.config
+    cfg = vq_config()
+    m = AdaptedLLaMA(base, cfg)
+    N, d, K, w, B = 5, 7, 3, 16, 2
+    # Counted module by module here (not with v2.visual_query_count's grouping).
+    token_in = (d * w + w) + 2 * w + N * w  # projection, LayerNorm, positions
+    block = 2 * (2 * w) + (w * 3 * w + 3 * w) + (w * w + w) + (w * 4 * w + 4 * w) + (4 * w * w + w)
+    out = (w * c.dim + c.dim) + 2 * c.dim
+    vq = token_in + K * w + B * block + out
+    assert sum(p.numel() for p in m.adapter_visual.parameters()) == vq
+    assert v2_trainable_count(c, cfg) == vq
+    assert count_trainable(m) == v1_count(base, cfg) + vq
+    # with V2 bias/scale + norms on top, the counts add
+    cfg2 = vq_config(**V2)
+    assert count_trainable(AdaptedLLaMA(tiny(2), cfg2)) == v1_count(base, cfg2) + v2_trainable_count(c, cfg2)
+    assert v2_trainable_count(c, cfg2) == vq + v2_trainable_count(c, AdapterConfig(**V2))
+    # model-width default for the blocks
+    wide = vq_config(visual_query_dim=0)
+    assert sum(p.numel() for p in AdaptedLLaMA(tiny(2), wide).adapter_visual.parameters()) == v2_trainable_count(
+        c, wide
+    )
+    assert all(n.startswith("adapter_visual.") for n, _ in m.named_parameters() if "visual" in n)
+
+
+def test_visual_query_adds_one_vector_per_prompt_position_in_fused_layers():
+    base = tiny(2)
+    m = AdaptedLLaMA(base, vq_config(visual_layers=2))
+    perturb(m)
+    tokens = torch.randn(2, 5, 7)
+    has = torch.tensor([True, False])
+    x = idx()
+    with torch.no_grad():
+        text = m.prompt_state()
+        img = m.prompt_state(visual=tokens, has_image=has)
+        vp = m.visual_prompt(tokens)
+        assert vp.shape == (2, 3, base.config.dim)
+        assert not torch.allclose(vp[:, 0], vp[:, 1])  # distinct queries -> distinct positions
+        for j, i in enumerate(m.adapted_layers):
+            if j < 2:  # early fusion: the first two adapted layers get query j at position j
+                got = img.get(i).prompt - text.get(i).prompt
+                torch.testing.assert_close(got, vp * has[:, None, None], rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(img.get(i).prompt, text.get(i).prompt)
+        out = m(x, ctx=img)
+        none = m(x, ctx=m.prompt_state(visual=tokens, has_image=torch.tensor([False, False])))
+        plain = m(x)
+    # the row without an image is exactly the text-only adapter (bit-equal at the same batch
+    # shapes; [1, K, dim] vs [B, K, dim] prompts may round differently); the image row is not
+    assert torch.equal(out[1], none[1]) and not torch.allclose(out[0], plain[0])
+    torch.testing.assert_close(none, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_visual_query_trains_two_steps_and_roundtrips(tmp_path):
+    base = tiny(2)
+    m = AdaptedLLaMA(base, vq_config(bias_scale=True))
+    with torch.no_grad():
+        m.adapter.gates.fill_(0.5)
+    tokens, x = torch.randn(2, 5, 7), idx()
+    opt = torch.optim.AdamW(param_groups(m, 0.0), lr=1e-2)
+    before = m.adapter_visual.queries.detach().clone()
+    for _ in range(2):  # a second step would fail if anything from the first graph were cached
+        loss = m(x, ctx=m.prompt_state(visual=tokens)).logsumexp(-1).mean()
+        loss.backward()
+        assert m.adapter_visual.token_proj.weight.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(before, m.adapter_visual.queries)
+    with torch.no_grad():
+        want = m(x, ctx=m.prompt_state(visual=tokens))
+    save_adapter(m, tmp_path / "vq")
+    fresh = load_adapter(tiny(2), tmp_path / "vq")
+    assert fresh.adapter_config == m.adapter_config
+    with torch.no_grad():
+        assert torch.equal(fresh(x, ctx=fresh.prompt_state(visual=tokens, precompute=True)), want)
+
+
+def test_bad_visual_query_configs_name_the_option():
+    base = tiny(2)
+    with pytest.raises(ValueError, match="drop visual_query_blocks or set an image encoder"):
+        AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=2, visual_query_blocks=2))
+    with pytest.raises(ValueError, match="visual_tokens set but visual_query_blocks=0.*drop them"):
+        AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=2, visual_dim=35, visual_tokens=5))
+    with pytest.raises(ValueError, match="5 x 6 flattened features, but visual_dim=35"):
+        AdaptedLLaMA(base, vq_config(visual_token_dim=6))
+    with pytest.raises(ValueError, match="drop visual_hidden"):
+        AdaptedLLaMA(base, vq_config(visual_hidden=8))
+    with pytest.raises(ValueError, match="divisible by visual_query_heads"):
+        AdaptedLLaMA(base, vq_config(visual_query_dim=18))
+    m = AdaptedLLaMA(base, vq_config())
+    with pytest.raises(ValueError, match="size 30, the adapter expects 35"):
+        m.prompt_state(visual=torch.randn(2, 30))

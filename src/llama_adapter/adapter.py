@@ -62,6 +62,16 @@ class AdapterConfig:
     bind_dim: int = 0
     bind_blocks: int = 3
     bind_hidden: int = 0
+    # V2 visual-query blocks (v2.VisualQuery) instead of the global-feature VisualProjection:
+    # `adapter_len` learnable queries attend to the encoder's patch tokens through this many small
+    # transformer blocks (0 = off). The adapter then takes `visual_tokens` x `visual_token_dim`
+    # tokens per image, passed flattened, so `visual_dim` = visual_tokens * visual_token_dim and
+    # every [B, visual_dim] feature path (cache, collate, generate, serve) carries them unchanged.
+    visual_query_blocks: int = 0
+    visual_query_dim: int = 0  # block width; 0 = the model width
+    visual_query_heads: int = 4
+    visual_tokens: int = 0  # N tokens per image from the encoder (e.g. 49 for a 7x7 feature map)
+    visual_token_dim: int = 0  # d, the width of one encoder token
 
     def validate(self, base: Config) -> None:
         if self.adapter_len < 1:
@@ -86,10 +96,47 @@ class AdapterConfig:
                     f"visual_layers={self.visual_layers} must be in 1..adapter_layers={self.adapter_layers}; "
                     "drop visual_layers or lower it"
                 )
+        self._validate_visual_query()
         if self.bind_dim < 0 or self.bind_blocks < 0 or self.bind_hidden < 0:
             raise ValueError("bind_dim, bind_blocks and bind_hidden must be >= 0")
         if self.bind_dim == 0 and (self.bind_blocks != 3 or self.bind_hidden):
             raise ValueError("bind_blocks/bind_hidden are set but bind_dim=0 (no bind network); drop them")
+
+    def _validate_visual_query(self) -> None:
+        q = self.visual_query_blocks
+        if q < 0 or self.visual_query_dim < 0 or self.visual_tokens < 0 or self.visual_token_dim < 0:
+            raise ValueError("visual_query_blocks, visual_query_dim, visual_tokens and visual_token_dim must be >= 0")
+        if not q:
+            extra = [f for f in ("visual_query_dim", "visual_tokens", "visual_token_dim") if getattr(self, f)]
+            if self.visual_query_heads != 4:
+                extra.append("visual_query_heads")
+            if extra:
+                raise ValueError(
+                    f"{', '.join(extra)} set but visual_query_blocks=0 (no visual-query blocks); "
+                    "drop them or set visual_query_blocks"
+                )
+            return
+        if self.visual_dim == 0:
+            raise ValueError(
+                f"visual_query_blocks={q} needs an image encoder's patch tokens, but visual_dim=0 (no image "
+                "encoder); drop visual_query_blocks or set an image encoder"
+            )
+        if self.visual_tokens * self.visual_token_dim != self.visual_dim:
+            raise ValueError(
+                f"visual_query_blocks={q} takes visual_tokens x visual_token_dim = {self.visual_tokens} x "
+                f"{self.visual_token_dim} flattened features, but visual_dim={self.visual_dim}; take all three "
+                "from the encoder (multimodal.visual_config)"
+            )
+        if self.visual_hidden:
+            raise ValueError(
+                "visual_hidden sizes the global-feature projection, which visual_query_blocks replaces; "
+                "drop visual_hidden (use visual_query_dim)"
+            )
+        if self.visual_query_heads < 1 or self.visual_query_dim % self.visual_query_heads:
+            raise ValueError(
+                f"visual_query_dim={self.visual_query_dim} must be divisible by visual_query_heads="
+                f"{self.visual_query_heads} (0 = the model width, checked when the adapter is built)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,14 +277,21 @@ class AdaptedLLaMA(nn.Module):
         self.adapter_config = config
         device = model.tok_embeddings.weight.device
         self.adapter = AdaptionPrompt(config, model.config).to(device)
-        self.adapter_visual = (
-            VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
-            if config.visual_dim
-            else None
-        )
+        from . import v2  # V2 bias/scale, trainable norms, visual query and bind injection live in v2.py
+
+        if config.visual_query_blocks and (config.visual_query_dim or model.config.dim) % config.visual_query_heads:
+            raise ValueError(
+                f"the visual-query width {config.visual_query_dim or model.config.dim} is not divisible by "
+                f"visual_query_heads={config.visual_query_heads}; set visual_query_dim or visual_query_heads"
+            )
+        # One attribute for either visual module, so callers can test `adapter_visual is not None`.
+        self.adapter_visual: nn.Module | None = None
+        if config.visual_query_blocks:
+            self.adapter_visual = v2.make_visual_query(config, model.config).to(device)
+        elif config.visual_dim:
+            self.adapter_visual = VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
         n = model.config.n_layers
         self.adapted_layers = list(range(n - config.adapter_layers, n))
-        from . import v2  # V2 bias/scale, trainable norms and bind injection live in v2.py
 
         v2.apply_v2(model, config)
         self.adapter_bind = v2.make_bind(config, model.config)
@@ -257,21 +311,32 @@ class AdaptedLLaMA(nn.Module):
         return self.model.new_cache(*args, **kwargs)
 
     def visual_prompt(self, visual: torch.Tensor, has_image: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder features [B, visual_dim] -> [B, dim] to add to the prompts; rows whose
-        `has_image` is False add exactly nothing."""
+        """Encoder features [B, visual_dim] -> what to add to the prompts: [B, dim] (global-feature
+        projection, same vector at every prompt position) or [B, K, dim] (visual-query blocks; they
+        also take tokens unflattened, [B, N, d]). Rows whose `has_image` is False add exactly
+        nothing."""
+        cfg = self.adapter_config
         if self.adapter_visual is None:
             raise ValueError(
                 "this adapter is text-only (trained without --image-encoder); drop the image "
                 "or use an adapter trained with images"
             )
-        if visual.shape[-1] != self.adapter_config.visual_dim:
+        if cfg.visual_query_blocks and visual.ndim == 3:
+            visual = visual.flatten(1)
+        if visual.shape[-1] != cfg.visual_dim:
             raise ValueError(
                 f"image features have size {visual.shape[-1]}, the adapter expects "
-                f"{self.adapter_config.visual_dim} (encoder {self.adapter_config.image_encoder!r})"
+                f"{cfg.visual_dim} (encoder {cfg.image_encoder!r})"
             )
-        p = self.adapter_visual(visual.to(self.adapter_visual.fc1.weight.dtype))
+        dtype = next(self.adapter_visual.parameters()).dtype
+        if cfg.visual_query_blocks:
+            visual = visual.view(visual.shape[0], cfg.visual_tokens, cfg.visual_token_dim)
+        p = self.adapter_visual(visual.to(dtype))
         if has_image is not None:
-            p = p * has_image.to(p.dtype)[:, None]
+            mask = has_image.to(p.dtype)
+            # A product, not a branch: the module stays in the graph for text rows (DDP sees every
+            # parameter used), and 0 * finite is exactly 0.
+            p = p * mask.view(-1, *([1] * (p.ndim - 1)))
         return p
 
     def prompt_state(
@@ -284,7 +349,8 @@ class AdaptedLLaMA(nn.Module):
         bind: torch.Tensor | None = None,
     ) -> PromptState:
         """Per-layer prompts for one call. `visual` [B, visual_dim] encoder features (projected and
-        added to every adapted layer's prompts) or `add` [B, dim] already in model width;
+        added to every adapted layer's prompts) or `add` [B, dim] / [B, K, dim] already in model
+        width;
         `precompute` projects prompt K/V once (inference only). With `visual_layers` (early fusion)
         `add` / `visual` reach only the first `visual_layers` adapted layers. `bind` [B, bind_dim]
         is a modality embedding for the bind network (rows masked by `has_image`)."""
@@ -298,7 +364,7 @@ class AdaptedLLaMA(nn.Module):
         for j, i in enumerate(self.adapted_layers):
             p = prompts[j][None]
             if add is not None and j < fused:
-                p = p + add[:, None, :].to(p.dtype)
+                p = p + (add[:, None, :] if add.ndim == 2 else add).to(p.dtype)
             lp = LayerPrompt(p, gates[j][None])
             if precompute:
                 lp.kv = self.model.layers[i].attention.prompt_kv(p)

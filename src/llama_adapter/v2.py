@@ -15,6 +15,9 @@ groups for all of it (all V2 tensors are 1-D, so `no_weight_decay` keeps them ou
   token [B, dim], added to every token at every layer through the `Block.inject` seam with a
   zero-init per-layer gate: `h + tanh(adapter_bind_gate_l) * bind(feature)`.
 * early fusion (`visual_layers`) lives in `AdaptedLLaMA.prompt_state`.
+* `visual_query_blocks`: V2's visual-query blocks (`VisualQuery`) in place of the global-feature
+  `VisualProjection`: `adapter_len` learnable queries attend to the frozen encoder's patch tokens
+  through a few small pre-norm transformer blocks, and query i is added to prompt position i.
 
 `fold_bias_scale` exports a plain LLaMA state dict with scale/bias/norms folded into the weights.
 
@@ -133,6 +136,83 @@ class BindNetwork(nn.Module):
         return x
 
 
+class QueryBlock(nn.Module):
+    """A pre-norm ViT block (LayerNorm, multi-head self-attention with qkv bias, LayerNorm, GELU
+    MLP x4), as the blocks V2 stacks over [queries; patch tokens]."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask: queries and patches see each other
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class VisualQuery(nn.Module):
+    """LLaMA-Adapter V2's visual-query blocks: encoder tokens [B, N, d] -> prompts [B, K, dim].
+
+    The frozen encoder's patch tokens are projected to the block width (+ LayerNorm, as V2's
+    `clip_proj`/`clip_proj_norm`) and get a learnable position embedding (EfficientNet's flattened
+    feature map has none of its own; for CLIP it is a harmless extra). K learnable queries are
+    prepended, `n_blocks` self-attention blocks run over [queries; tokens], and the outputs at the
+    query positions go through a projection + LayerNorm to the model width (V2's `visual_proj`,
+    `visual_proj_norm`). Query i is added to adaption prompt i of every fused layer.
+    """
+
+    def __init__(
+        self, n_tokens: int, token_dim: int, n_queries: int, dim: int, width: int = 0, n_blocks: int = 2, heads: int = 4
+    ) -> None:
+        super().__init__()
+        width = width or dim
+        self.n_tokens, self.token_dim = n_tokens, token_dim
+        self.token_proj = nn.Linear(token_dim, width)
+        self.token_norm = nn.LayerNorm(width)
+        self.token_pos = nn.Parameter(torch.empty(n_tokens, width))
+        self.queries = nn.Parameter(torch.empty(n_queries, width))
+        self.blocks = nn.ModuleList(QueryBlock(width, heads) for _ in range(n_blocks))
+        self.out_proj = nn.Linear(width, dim)
+        self.out_norm = nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.queries.is_meta:
+            return
+        # Small random queries/positions (ViT's 0.02): distinct queries from step 0 on, so the K
+        # prompt positions do not all receive the same visual vector.
+        nn.init.normal_(self.queries, std=0.02)
+        nn.init.normal_(self.token_pos, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.token_norm(self.token_proj(tokens)) + self.token_pos.to(tokens.dtype)
+        q = self.queries.to(t.dtype).expand(t.shape[0], -1, -1)
+        x = torch.cat([q, t], dim=1)
+        for b in self.blocks:
+            x = b(x)
+        return self.out_norm(self.out_proj(x[:, : q.shape[1]]))
+
+
+def make_visual_query(config: AdapterConfig, base: Config) -> VisualQuery:
+    return VisualQuery(
+        config.visual_tokens,
+        config.visual_token_dim,
+        config.adapter_len,
+        base.dim,
+        config.visual_query_dim,
+        config.visual_query_blocks,
+        config.visual_query_heads,
+    )
+
+
 class BindInjectBlock(Block):
     """A base Block (same modules, class swapped in place) whose `inject` adds the gated bind token.
 
@@ -207,11 +287,12 @@ def make_bind(config: AdapterConfig, base: Config) -> BindNetwork | None:
 
 def v2_trainable_count(base: Config, config: AdapterConfig) -> int:
     """Trainable parameters added by the V2 / bind options (on top of the V1 prompts, gates and
-    visual projection):
+    the global-feature visual projection):
 
     bias_scale:  2 * n_layers * (n_heads*hd + 2*n_kv_heads*hd + 2*dim + 2*hidden_dim)
     train_norms: (2 * n_layers + 1) * dim
     bind:        E*dim + dim + N*(dim + 3*dim*bind_hidden) + n_layers   (gates)
+    visual query (replaces the visual projection): see `visual_query_count`
     """
     c, hd = base, base.head_dim
     n = 0
@@ -222,7 +303,22 @@ def v2_trainable_count(base: Config, config: AdapterConfig) -> int:
     if config.bind_dim:
         h = config.bind_hidden or 4 * c.dim
         n += config.bind_dim * c.dim + c.dim + config.bind_blocks * (c.dim + 3 * c.dim * h) + c.n_layers
+    if config.visual_query_blocks:
+        n += visual_query_count(base, config)
     return n
+
+
+def visual_query_count(base: Config, config: AdapterConfig) -> int:
+    """Parameters of `VisualQuery` with N encoder tokens of width d, K queries, width w, B blocks:
+
+    d*w + w + 2w (token projection + norm)  +  N*w (token positions)  +  K*w (queries)
+    + B * (12 w^2 + 13 w)  (per block: 2 LayerNorms 4w, qkv 3w^2+3w, out w^2+w, MLP 8w^2+5w)
+    + w*dim + dim + 2*dim  (output projection + LayerNorm)
+    """
+    w = config.visual_query_dim or base.dim
+    d, N, K = config.visual_token_dim, config.visual_tokens, config.adapter_len
+    blocks = config.visual_query_blocks * (12 * w * w + 13 * w)
+    return d * w + 3 * w + N * w + K * w + blocks + w * base.dim + 3 * base.dim
 
 
 def fold_bias_scale(model: AdaptedLLaMA | LLaMA, *, allow_bias: bool = False) -> dict[str, torch.Tensor]:
