@@ -24,8 +24,19 @@ EXAMPLES = {
     "  llama-adapter evaluate --model stories260k --task mc --data mc.jsonl --method generate --skip-bad",
     "generate": "llama-adapter generate --model smollm2-135m-instruct --prompt 'Name three primary colours.'\n"
     "  llama-adapter generate --model stories260k --template plain --prompt 'Once upon a time'\n"
-    "  llama-adapter generate --model smollm2-135m-instruct --adapter runs/alpaca --prompt 'Give me a tip.'",
-    "chat": "llama-adapter chat --model smollm2-135m-instruct --adapter runs/alpaca",
+    "  llama-adapter generate --model smollm2-135m-instruct --adapter runs/alpaca --prompt 'Give me a tip.'\n"
+    "  llama-adapter generate --adapter runs/flickr --image dog.jpg --prompt 'Describe the image.'\n"
+    "  # a batch with and without images: one --image per --prompt, 'none' (or '-') for a text-only row\n"
+    "  llama-adapter generate --adapter runs/flickr --prompt 'Describe the image.' --image dog.jpg \\\n"
+    "      --prompt 'Describe the image.' --image none --prompt 'What is in the photo?' --image cat.png\n"
+    '  # the same from a file: one JSON object per line, {"prompt": ..., "image": path or null}\n'
+    '  #   (image paths relative to the file); results go to stdout as JSONL with an "output" field\n'
+    "  llama-adapter generate --adapter runs/flickr --batch prompts.jsonl --batch-size 8 > outputs.jsonl",
+    "chat": "llama-adapter chat --model smollm2-135m-instruct --adapter runs/alpaca\n"
+    "  llama-adapter chat --adapter runs/flickr --image photo.jpg\n"
+    "  in the chat: /image PATH attaches an image from the next turn on (it conditions the whole\n"
+    "  conversation: a multimodal adapter adds it to its prompts, not at a place in the text);\n"
+    "  /image none detaches it; /reset forgets the conversation; /help lists the commands",
     "finetune": "llama-adapter finetune --model smollm2-135m-instruct "
     "--data ../shared/data/alpaca/alpaca_en_demo.json --out runs/alpaca --epochs 1\n"
     "  llama-adapter finetune --model stories260k --data data.jsonl --out runs/tiny --max-steps 20\n"
@@ -73,17 +84,35 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--repetition-penalty", type=float, default=1.0)
         sp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         sp.add_argument("--seed", type=int)
-        sp.add_argument("--image", help="image file for a multimodal adapter")
         sp.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+        sp.add_argument(
+            "--image-encoder-weights",
+            help="image encoder checkpoint for a multimodal adapter (default: the one recorded in the "
+            "adapter's adapter_config.json at training time, else the encoder's packaged weights)",
+        )
 
     g = cmd("generate", "Generate a completion for a prompt, streamed to stdout.")
     model_args(g)
     sampling_args(g)
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch; '-' reads stdin)")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; '-' reads stdin)")
+    g.add_argument(
+        "--image",
+        action="append",
+        help="image file for a multimodal adapter: once for every prompt, or once per --prompt in the same "
+        "order, with 'none' or '-' for a row without an image",
+    )
+    g.add_argument(
+        "--batch",
+        metavar="FILE",
+        help='JSONL of {"prompt": ..., "image": path or null} (instead of --prompt/--image); '
+        'writes one JSON object per line with an "output" field',
+    )
+    g.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default: %(default)s)")
 
     c = cmd("chat", "Interactive chat in the terminal (empty line or Ctrl-D quits).")
     model_args(c)
     sampling_args(c)
+    c.add_argument("--image", help="image the conversation is about (multimodal adapters); /image PATH changes it")
 
     f = cmd("finetune", "Train an adapter on instruction data (Alpaca JSON/JSONL or chat JSONL).")
     from .train import TrainArgs
@@ -168,6 +197,10 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    e.add_argument(
+        "--image-encoder-weights",
+        help="image encoder checkpoint for a multimodal adapter (default: the one the adapter recorded at training)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace):
+    """(model, tokenizer, template, adapter metadata or None)."""
     import torch
 
     from .adapter import load_adapter, read_adapter_config
@@ -198,6 +232,7 @@ def _load(args: argparse.Namespace):
     model = load_model(args.model, dtype=dtype)
     tok = load_tokenizer(model.config.extra["tokenizer"])
     template = args.template
+    meta = None
     if args.adapter:
         meta = read_adapter_config(args.adapter)
         model = load_adapter(model, args.adapter)
@@ -206,7 +241,7 @@ def _load(args: argparse.Namespace):
     if template == "auto":
         template = "chatml" if getattr(tok, "chat_template", "") == "chatml" else "plain"
     model.eval()
-    return model, tok, template
+    return model, tok, template, meta
 
 
 def _render(prompt: str, template: str) -> str:
@@ -233,55 +268,166 @@ def _params(args: argparse.Namespace):
     )
 
 
-def _ctx(model, args: argparse.Namespace, batch: int):
-    from .adapter import AdaptedLLaMA
+class _Images:
+    """Image plumbing shared by generate and chat: checks that the model takes images and finds
+    the encoder weights (flag, else the adapter's metadata) only when an image is actually used,
+    so a text-only run never needs the encoder checkpoint."""
 
-    if not isinstance(model, AdaptedLLaMA):
-        if getattr(args, "image", None):
+    def __init__(self, model, args: argparse.Namespace, meta: dict | None) -> None:
+        self.model, self.args, self.meta = model, args, meta
+        self._weights: tuple[str | None] | None = None
+
+    def check_can_take_images(self) -> None:
+        from .adapter import AdaptedLLaMA
+
+        if not isinstance(self.model, AdaptedLLaMA):
             raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
-        return None
-    if getattr(args, "image", None):
-        from .multimodal import image_features_for
+        if not self.model.adapter_config.visual_dim:
+            raise ValueError(
+                f"the adapter {self.args.adapter} is text-only (trained without --image-encoder); "
+                "drop the image or use a multimodal adapter"
+            )
 
-        feats = image_features_for(model, [args.image] * batch)
-        return model.prompt_state(visual=feats, precompute=True)
-    return model.prompt_state(precompute=True)
+    def weights(self) -> str | None:
+        from .generate import encoder_weights
+
+        if self._weights is None:
+            self._weights = (encoder_weights(self.args.adapter, self.meta, self.args.image_encoder_weights),)
+        return self._weights[0]
+
+    def features(self, path: str):
+        """[1, visual_dim] for one image file (one-line errors: missing, not an image, ...)."""
+        from .multimodal import image_features_for, open_image
+
+        self.check_can_take_images()
+        image = open_image(path)  # names the file in its error, before the encoder is loaded
+        return image_features_for(self.model, [image], weights=self.weights())
+
+    def state(self, images: list[str | None]):
+        """Prompt state for rows that each have an image path or None."""
+        from .generate import image_prompt_state
+        from .multimodal import open_image
+
+        if any(im is not None for im in images):
+            self.check_can_take_images()
+            # Open every file first, so a bad one fails before any work and names itself.
+            opened = [None if im is None else open_image(im) for im in images]
+            return image_prompt_state(self.model, opened, weights=self.weights())
+        return image_prompt_state(self.model, images)
+
+
+_NO_IMAGE = ("none", "-")
+
+
+def _generate_rows(args: argparse.Namespace) -> tuple[list[str], list[str | None], bool]:
+    """(prompts, image per row or None, whether the rows came from --batch)."""
+    import json
+
+    if args.batch:
+        if args.prompt or args.image:
+            raise ValueError("--batch FILE replaces --prompt/--image; give one or the other")
+        path = Path(args.batch)
+        if not path.is_file():
+            raise ValueError(f"--batch {path} not found")
+        prompts: list[str] = []
+        images: list[str | None] = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f'{path}:{n}: each line needs {{"prompt": "...", "image": path or null}}')
+            img = row.get("image")
+            if img is not None and not isinstance(img, str):
+                raise ValueError(f"{path}:{n}: 'image' must be a path string or null, got {img!r}")
+            if img:
+                ip = Path(img)
+                img = str(ip if ip.is_absolute() else path.parent / ip)
+            prompts.append(row["prompt"])
+            images.append(img or None)
+        if not prompts:
+            raise ValueError(f"--batch {path} holds no rows")
+        return prompts, images, True
+    if not args.prompt:
+        raise ValueError("give --prompt TEXT (repeat it for a batch) or --batch FILE.jsonl")
+    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    given = args.image or []
+    if len(given) == 1:  # one image for every prompt
+        given = given * len(prompts)
+    if given and len(given) != len(prompts):
+        raise ValueError(
+            f"{len(args.image)} --image for {len(prompts)} --prompt: give one --image for all prompts or one "
+            f"per --prompt in the same order ({' or '.join(repr(x) for x in _NO_IMAGE)} for a row without an image)"
+        )
+    images = [None if im is None or im.lower() in _NO_IMAGE else im for im in given] or [None] * len(prompts)
+    return prompts, images, False
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
     from .generate import generate_text
 
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
-    model, tok, template = _load(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    prompts, images, from_file = _generate_rows(args)
+    model, tok, template, meta = _load(args)
+    imgs = _Images(model, args, meta)
     texts = [_render(p, template) for p in prompts]
+    params = _params(args)
     with torch.inference_mode():
-        ctx = _ctx(model, args, len(texts))
-        if len(texts) == 1:
+        if len(texts) == 1 and not from_file:
 
             def on_text(row: int, delta: str) -> None:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
 
-            generate_text(model, tok, texts, _params(args), ctx=ctx, on_text=on_text)
+            ctx = imgs.state(images)
+            generate_text(model, tok, texts, params, ctx=ctx, on_text=on_text, compile=args.compile)
             sys.stdout.write("\n")
-        else:
-            outs = generate_text(model, tok, texts, _params(args), ctx=ctx)
-            for i, o in enumerate(outs):
-                print(f"--- [{i}] {prompts[i]}\n{o}")
+            return 0
+        for s in range(0, len(texts), args.batch_size):
+            sl = slice(s, s + args.batch_size)
+            ctx = imgs.state(images[sl])
+            outs = generate_text(model, tok, texts[sl], params, ctx=ctx, compile=args.compile)
+            for i, o in enumerate(outs, start=s):
+                if from_file:
+                    print(json.dumps({"prompt": prompts[i], "image": images[i], "output": o}, ensure_ascii=False))
+                else:
+                    tag = f" [image {images[i]}]" if images[i] else ""
+                    print(f"--- [{i}]{tag} {prompts[i]}\n{o}")
+                sys.stdout.flush()
     return 0
+
+
+CHAT_HELP = (
+    "commands: /image PATH  attach an image (it conditions the whole conversation from the next turn on)\n"
+    "          /image none  detach it\n"
+    "          /reset       forget the conversation (the image stays)\n"
+    "          /help        this text; an empty line or Ctrl-D quits"
+)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import generate_text
+    from .generate import generate_text, image_prompt_state
     from .tokenizer import render_chat
 
-    model, tok, template = _load(args)
+    model, tok, template, meta = _load(args)
+    imgs = _Images(model, args, meta)
+    image: str | None = None
+    feats = None
+    if args.image:  # errors here end the command (exit 2): the user asked for this image up front
+        feats, image = imgs.features(args.image), args.image
     history: list[dict[str, str]] = []
-    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''} (empty line quits)", file=sys.stderr)
+    what = f"{args.model}{' + ' + args.adapter if args.adapter else ''}{' + image ' + image if image else ''}"
+    print(f"chat with {what} (empty line quits, /help for commands)", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -289,6 +435,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not line.strip():
             break
+        cmd, _, rest = line.strip().partition(" ")
+        if cmd in ("/image", "/reset", "/help"):
+            rest = rest.strip()
+            if cmd == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            elif cmd == "/reset":
+                history.clear()
+                print("(conversation cleared)", file=sys.stderr)
+            elif not rest:
+                print(f"(image: {image or 'none'}; /image PATH attaches one, /image none detaches it)", file=sys.stderr)
+            elif rest.lower() in _NO_IMAGE:
+                feats = image = None
+                print("(image detached)", file=sys.stderr)
+            else:
+                try:  # a bad path is a typo to fix, not a reason to lose the conversation
+                    feats, image = imgs.features(rest), rest
+                    print(f"(image attached: {image})", file=sys.stderr)
+                except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                    print(f"error: {e}", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         text = render_chat(history, "chatml" if template == "plain" else template, add_generation_prompt=True)
         chunks: list[str] = []
@@ -299,7 +465,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
         with torch.inference_mode():
-            generate_text(model, tok, [text], _params(args), ctx=_ctx(model, args, 1), on_text=on_text)
+            ctx = image_prompt_state(model, [image], features=feats)
+            generate_text(model, tok, [text], _params(args), ctx=ctx, on_text=on_text, compile=args.compile)
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(chunks)})
     return 0

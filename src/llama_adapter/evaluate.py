@@ -500,6 +500,7 @@ class EvalArgs:
     report: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    image_encoder_weights: str | None = None  # None: the path the adapter recorded at training, if any
 
 
 def guess_format(args: EvalArgs) -> str:
@@ -585,15 +586,16 @@ def eval_loss(
     }
 
 
-def _image_ctx(model: Any, items: Sequence[MCItem]) -> Callable[[list[int]], Any] | None:
-    """Per-row image prompts for a multimodal adapter; None for text-only models."""
+def _image_ctx(model: Any, items: Sequence[MCItem], weights: str | None = None) -> Callable[[list[int]], Any] | None:
+    """Per-row image prompts for a multimodal adapter; None for text-only models. `weights`: the
+    image encoder checkpoint (None: the encoder's packaged weights)."""
     cfg = getattr(model, "adapter_config", None)
     if cfg is None or not cfg.visual_dim:
         return None
     from .multimodal import image_features_for
 
     paths = [it.image for it in items if it.image]
-    feats = image_features_for(model, paths) if paths else None
+    feats = image_features_for(model, paths, weights=weights) if paths else None
     dim = cfg.visual_dim
     rows = torch.zeros(len(items), dim)
     has = torch.zeros(len(items), dtype=torch.bool)
@@ -623,9 +625,12 @@ def eval_mc(
     batch_size: int = 8,
     max_new_tokens: int = 8,
     progress: bool = False,
+    image_encoder_weights: str | None = None,
 ) -> dict[str, Any]:
     """Accuracy over `items`; `batch_size` counts questions per forward (all options of a question
-    always share a batch). Returns metrics plus one prediction record per item."""
+    always share a batch). Returns metrics plus one prediction record per item. Items with an
+    image condition a multimodal adapter on it (encoder checkpoint `image_encoder_weights`, None
+    for the encoder's packaged weights); items without one are scored text-only."""
     if method not in ("loglik", "generate"):
         raise ValueError(f"method={method!r}: choose loglik or generate")
     if norm not in ("sum", "mean"):
@@ -636,7 +641,7 @@ def eval_mc(
     for s in range(0, len(items), batch_size):
         chunk = list(items[s : s + batch_size])
         texts = [mc_prompt(it, template) for it in chunk]
-        make_ctx = _image_ctx(model, chunk) if images_used else None
+        make_ctx = _image_ctx(model, chunk, image_encoder_weights) if images_used else None
         if method == "loglik":
             qs = [[split_continuation(tok, t, c) for c in continuations(it, target)] for it, t in zip(chunk, texts)]
             scores = score_batch(model, qs, tok.pad_id, make_ctx=make_ctx)
@@ -722,6 +727,12 @@ def run(args: EvalArgs, model: Any = None, tok: Any = None, adapter_meta: dict |
     if model is None:
         model, tok, adapter_meta = load_for_eval(args.model, args.adapter, args.dtype)
     template = resolve_template(args.template, tok, adapter_meta, args.task)
+    weights = None
+    if args.task == "mc" and getattr(getattr(model, "adapter_config", None), "visual_dim", 0):
+        from .generate import encoder_weights
+
+        # The checkpoint the adapter was trained with (recorded by finetune), unless overridden.
+        weights = encoder_weights(args.adapter, adapter_meta, args.image_encoder_weights)
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "task": args.task,
@@ -766,6 +777,7 @@ def run(args: EvalArgs, model: Any = None, tok: Any = None, adapter_meta: dict |
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
             progress=args.progress,
+            image_encoder_weights=weights,
         )
         if any(it.image for it in mc.items) and not res["images_used"]:
             mc.notes.append("items have images but the model has no image adapter: evaluated text-only")

@@ -10,14 +10,19 @@
   deltas through the tokenizer's incremental decoder, and text-level stop strings.
 - `ctx` is handed unchanged to every model call: adapters put their per-call prompt state
   (precomputed prompt K/V) there.
+- `image_prompt_state` builds that state for a batch in which each row may or may not have an
+  image (multimodal adapters); rows without one get exactly the text-only prompts.
+  `encoder_weights` finds the image encoder checkpoint an adapter was trained with.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +36,8 @@ __all__ = [
     "decode_one_token",
     "generate",
     "generate_text",
+    "encoder_weights",
+    "image_prompt_state",
 ]
 
 _FILLER = 0  # token fed for left padding and for rows that have finished (their results are ignored)
@@ -346,3 +353,81 @@ def generate_text(
         emit(row, s.push(decoders[row].flush()))
         emit(row, s.flush())
     return ["".join(t) for t in texts]
+
+
+# --------------------------------------------------------------------------------------------
+# Images for multimodal adapters
+# --------------------------------------------------------------------------------------------
+
+
+def encoder_weights(
+    adapter_dir: str | os.PathLike[str] | None,
+    meta: dict[str, Any] | None,
+    override: str | os.PathLike[str] | None = None,
+) -> str | None:
+    """The image encoder checkpoint to use with an adapter: `override` if given, else the path
+    `finetune --image-encoder-weights` recorded in the adapter's metadata (top-level
+    `image_encoder_weights`, or the saved train args). None means the encoder's packaged weights
+    (EfficientNet-Lite0). A relative recorded path is tried from the current directory, then
+    from the adapter directory (runs are often moved together with their checkpoint). Raises
+    ValueError naming the file when it is gone."""
+    if override is not None:
+        p = Path(override)
+        if not p.is_file():
+            raise ValueError(f"--image-encoder-weights {p} not found; check the path")
+        return str(p)
+    meta = meta or {}
+    recorded = meta.get("image_encoder_weights") or (meta.get("train") or {}).get("image_encoder_weights")
+    if not recorded:
+        return None
+    p = Path(recorded)
+    tried = [p]
+    if not p.is_absolute() and adapter_dir is not None:
+        tried.append(Path(adapter_dir) / p)
+    for t in tried:
+        if t.is_file():
+            return str(t)
+    encoder = (meta.get("adapter") or {}).get("image_encoder") or "the image encoder"
+    raise ValueError(
+        f"the adapter {adapter_dir} was trained with {encoder} weights {recorded}, which are gone "
+        f"(tried {', '.join(str(t) for t in tried)}); pass --image-encoder-weights PATH to the same checkpoint"
+    )
+
+
+def image_prompt_state(
+    model: nn.Module,
+    images: Sequence[Any],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    features: torch.Tensor | None = None,
+) -> Any:
+    """A precomputed `PromptState` for a batch whose rows each have an image (path or PIL image)
+    or None. Rows without an image add nothing to the prompts (`has_image` False), so they
+    generate exactly what the text-only adapter generates. `features` [B, visual_dim] skips the
+    encoder (rows without an image are ignored there). Returns None for a plain model with no
+    images; raises ValueError when images are given to a model that cannot use them."""
+    from .adapter import AdaptedLLaMA
+
+    rows = [i for i, im in enumerate(images) if im is not None]
+    if not isinstance(model, AdaptedLLaMA):
+        if rows:
+            raise ValueError("images need a multimodal adapter (--adapter DIR trained with --image-encoder)")
+        return None
+    if not rows and features is None:
+        return model.prompt_state(precompute=True)
+    cfg = model.adapter_config
+    if not cfg.visual_dim:
+        raise ValueError(
+            "this adapter is text-only (trained without --image-encoder); drop the image or use a multimodal adapter"
+        )
+    device = next(model.parameters()).device
+    if features is None:
+        from .multimodal import image_features_for
+
+        features = torch.zeros(len(images), cfg.visual_dim, device=device)
+        got = image_features_for(model, [images[i] for i in rows], weights=weights, cache_dir=cache_dir)
+        features[rows] = got.to(device=device, dtype=features.dtype)
+    has = torch.zeros(len(images), dtype=torch.bool, device=device)
+    has[rows] = True
+    return model.prompt_state(visual=features.to(device), has_image=has, precompute=True)
