@@ -5,11 +5,15 @@ Batch-1 decoding of a small model is memory-bound: every new token reads every w
 tokens/s can at best be (copy bandwidth) / (weight bytes per token). The HF model is built in
 memory from our loaded weights (no second download, no conversion on disk).
 
-    python benchmarks/generate.py                      # SmolLM2-135M-Instruct, fp32, 2 threads
-    python benchmarks/generate.py --threads 1 --new-tokens 32 --batch 1
-    python benchmarks/generate.py --compile --no-hf
+    python benchmarks/generate.py                  # SmolLM2-135M-Instruct: fp32 and fp16, base and adapter
+    python benchmarks/generate.py --dtypes float32 --batch 1 --no-adapter
+    python benchmarks/generate.py --compile       # adds torch.compile rows (ours; ~1-2 min to compile)
+    python benchmarks/generate.py --write         # also replace the decoding section of results.md
 
-Prints a markdown table on stdout; progress goes to stderr.
+Rows: the base model (ours vs transformers `generate`) and the model with a K=10, L=30 adaption
+prompt (ours vs transformers + PEFT `AdaptionPromptConfig`, holding the same prompt and gate values,
+exported with our PEFT converter), in each dtype. The bandwidth bound is per dtype: half-precision
+weights are half the bytes. Prints a markdown table on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -171,83 +176,144 @@ def time_hf_batched(hf, ids: list[int], batch: int, n: int) -> float:
     return batch * (n - 1) / max(tn - t1, 1e-9)
 
 
+def adapted(model: LLaMA, seed: int = 0):
+    """Ours with a K=10, L=30 adaption prompt whose gates are open (one value per layer, so the PEFT
+    export is exact), and the same adapter loaded into transformers + PEFT."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, save_adapter
+    from llama_adapter.interop import convert_adapter
+
+    torch.manual_seed(seed)
+    L = min(30, model.config.n_layers)
+    net = AdaptedLLaMA(model, AdapterConfig(adapter_len=10, adapter_layers=L)).eval()
+    with torch.no_grad():
+        net.adapter.prompts.mul_(0.02)  # an output near the base model's, as after training
+        net.adapter.gates.copy_(torch.rand(net.adapter.gates.shape[0], 1).expand_as(net.adapter.gates) * 0.5)
+    hf = None
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_adapter(net, f"{d}/ours")
+        convert_adapter(f"{d}/ours", f"{d}/peft", to="peft", base=model.config)  # exact to 1e-7
+        hf = PeftModel.from_pretrained(hf_model(model), f"{d}/peft").eval()
+    return net, hf
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint.load_model spec")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (default 64)")
     ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    ap.add_argument("--dtypes", default="float32,float16", help="comma-separated weight dtypes")
+    ap.add_argument("--compile", action="store_true", help="also time our decode step through torch.compile")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell; the best is reported")
+    ap.add_argument("--no-adapter", action="store_true", help="skip the adapter (PEFT) rows")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is reported")
+    ap.add_argument("--write", action="store_true", help="replace the decoding section of benchmarks/results.md")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     from llama_adapter.checkpoint import load_model
     from llama_adapter.tokenizer import load_tokenizer
 
-    log(f"loading {args.model} (fp32)")
-    model = load_model(args.model, dtype=torch.float32).eval()
-    tok_path = model.config.extra.get("tokenizer")
-    tok = load_tokenizer(tok_path) if tok_path else None
-    ids = list(range(1, 13))
-    if tok is not None:
-        from llama_adapter.tokenizer import render_chat
-
-        text = PROMPT
-        if tok.chat_template not in ("alpaca", "plain", None):
-            text = render_chat([{"role": "user", "content": PROMPT}], tok.chat_template, add_generation_prompt=True)
-        ids = tok.encode(text, bos=tok.add_bos)
-    hf = None
-    if not args.no_hf:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = hf_model(model)
-
     bw = copy_bandwidth()
-    wbytes = weight_bytes_per_token(model)
-    bound1 = bw / wbytes
     n = args.new_tokens
-    rows = []
-    for batch in [int(b) for b in args.batch.split(",")]:
-        log(f"batch {batch}: warm-up")
-        time_ours(model, ids, batch, 4, args.compile)
-        ours = max(time_ours(model, ids, batch, n, args.compile)[0] for _ in range(args.repeats))
-        theirs = None
-        if hf is not None:
-            if batch == 1:
-                time_hf(hf, ids, 4)
-                theirs = max(time_hf(hf, ids, n)[0] for _ in range(args.repeats))
+    batches = [int(b) for b in args.batch.split(",")]
+    rows, checks = [], []
+    ids: list[int] = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        log(f"loading {args.model} ({dtype_name})")
+        base = load_model(args.model, dtype=dtype, progress=False).eval()
+        if not ids:
+            ids = prompt_ids(base, load_tokenizer)
+        bound1 = bw / weight_bytes_per_token(base)
+        kinds = ["base"] + ([] if args.no_adapter else ["adapter"])
+        for kind in kinds:
+            if kind == "base":
+                ours_m = base
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hf = None if args.no_hf else hf_model(base)
             else:
-                time_hf_batched(hf, ids, batch, 4)
-                theirs = max(time_hf_batched(hf, ids, batch, n) for _ in range(args.repeats))
-        bound = bound1 * batch  # one weight read serves every row of the step
-        log(f"batch {batch}: ours {ours:.2f} tok/s" + (f", transformers {theirs:.2f} tok/s" if theirs else ""))
-        rows.append((batch, ours, theirs, bound))
+                ours_m, hf = adapted(base)
+                hf = None if args.no_hf else hf
+            label = f"{kind} {dtype_name}"
+            for compiled in (False, True) if args.compile else (False,):
+                for batch in batches:
+                    if compiled and batch != 1:
+                        continue
+                    log(f"{label}{' compiled' if compiled else ''} batch {batch}: warm-up")
+                    # Compiled: warm up on the timed shapes (cache length included), so no (re)compile is timed.
+                    for _ in range(2 if compiled else 1):
+                        time_ours(ours_m, ids, batch, n if compiled else 4, compiled)
+                    ours = max(time_ours(ours_m, ids, batch, n, compiled)[0] for _ in range(args.repeats))
+                    theirs = None
+                    if hf is not None:
+                        if batch == 1:
+                            time_hf(hf, ids, 4)
+                            theirs = max(time_hf(hf, ids, n)[0] for _ in range(args.repeats))
+                        else:
+                            time_hf_batched(hf, ids, batch, 4)
+                            theirs = max(time_hf_batched(hf, ids, batch, n) for _ in range(args.repeats))
+                    log(f"  ours {ours:.2f} tok/s" + (f", transformers {theirs:.2f} tok/s" if theirs else ""))
+                    rows.append((label + (" compiled" if compiled else ""), batch, ours, theirs, bound1 * batch))
+            if hf is not None:
+                a = time_ours(ours_m, ids, 1, 32, False)[1]
+                b = time_hf(hf, ids, 32)[1]
+                checks.append(f"{label}: greedy outputs agree on {agree(a, b)}/32 tokens")
+            del hf
 
-    check = ""
-    if hf is not None:
-        a = time_ours(model, ids, 1, 32, False)[1]
-        b = time_hf(hf, ids, 32)[1]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        check = f"greedy outputs agree on {same}/32 tokens"
-
-    c = model.config
-    print(
-        f"## Decoding speed: {c.name}, fp32, {args.threads} threads, {n} new tokens, prompt {len(ids)} tokens"
-        f"{', compiled' if args.compile else ''}\n"
-    )
-    print(
-        f"copy bandwidth {bw / 1e9:.1f} GB/s; weights read per step {wbytes / 1e6:.0f} MB "
-        f"-> bound {bound1:.1f} steps/s{'; ' + check if check else ''}\n"
-    )
-    print("| batch | ours tok/s | transformers tok/s | ours / transformers | bandwidth bound tok/s | ours % of bound |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for batch, ours, theirs, bound in rows:
+    c = base.config
+    out = [
+        f"## Decoding speed: {c.name}, {args.threads} threads, {n} new tokens, prompt {len(ids)} tokens\n",
+        f"Copy bandwidth {bw / 1e9:.1f} GB/s; the bound is copy bandwidth / weight bytes per step (x batch). "
+        "Adapter rows: K=10, L=30, ours vs transformers + PEFT AdaptionPrompt with the same values. "
+        "Compiled rows are ours through `torch.compile`, next to transformers in eager mode (best of "
+        f"{args.repeats} runs per cell).\n",
+        "| model | batch | ours tok/s | HF (+PEFT) tok/s | ours / HF | bound tok/s | ours % of bound |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, batch, ours, theirs, bound in rows:
         t = f"{theirs:.2f}" if theirs else "-"
         r = f"{ours / theirs:.2f}x" if theirs else "-"
-        print(f"| {batch} | {ours:.2f} | {t} | {r} | {bound:.1f} | {100 * ours / bound:.0f}% |")
+        out.append(f"| {label} | {batch} | {ours:.2f} | {t} | {r} | {bound:.1f} | {100 * ours / bound:.0f}% |")
+    if checks:
+        out.append("\nCorrectness: " + "; ".join(checks) + ".")
+    text = "\n".join(out) + "\n"
+    print(text)
+    if args.write:
+        replace_section(Path(__file__).resolve().parent / "results.md", "## Decoding speed", text)
     return 0
+
+
+def prompt_ids(model: LLaMA, load_tokenizer) -> list[int]:
+    tok_path = model.config.extra.get("tokenizer")
+    if not tok_path:
+        return list(range(1, 13))
+    from llama_adapter.tokenizer import render_chat
+
+    tok = load_tokenizer(tok_path)
+    text = PROMPT
+    if tok.chat_template not in ("alpaca", "plain", None):
+        text = render_chat([{"role": "user", "content": PROMPT}], tok.chat_template, add_generation_prompt=True)
+    return tok.encode(text, bos=tok.add_bos)
+
+
+def replace_section(path: Path, heading: str, text: str) -> None:
+    """Swap the `heading` section of a markdown file (up to the next `## `) for `text`; append if absent."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    head, sep, rest = old.partition(heading)
+    tail = rest[rest.find("\n## ") + 1 :] if sep and "\n## " in rest else ""
+    path.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))
+    log(f"wrote {path}")
 
 
 if __name__ == "__main__":

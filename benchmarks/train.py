@@ -8,6 +8,7 @@ benchmarks/generate.py), then our copy is freed before PEFT trains. Batches are 
     python benchmarks/train.py                 # full run, writes benchmarks/results.md
     python benchmarks/train.py --quick         # fewer steps, small scaling grid
     python benchmarks/train.py --steps 5 --threads 2
+    python benchmarks/train.py --only-scaling  # the scaling grid (seq 128..2048, batch 1..8) and its plot
 
 "peak RSS" is the whole process; "train peak" is the peak during the timed steps alone (the kernel's
 high-water mark is reset after setup through /proc/self/clear_refs), which excludes loading.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -26,7 +28,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = "/work/shared/data/alpaca/alpaca_en_demo.json"
+# The shared data folder sits beside the repository (as in CI); ALPACA_DATA overrides it.
+DATA = os.environ.get("ALPACA_DATA", str(HERE.parent.parent / "shared/data/alpaca/alpaca_en_demo.json"))
 MODEL = "smollm2-135m-instruct"
 RESULTS = HERE / "results.md"
 SECTION = "## Training speed"
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="2 timed steps, small scaling grid")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    ap.add_argument("--only-scaling", action="store_true", help="only the scaling table (and plot)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {RESULTS.name}")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -174,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     steps = 2 if args.quick else args.steps
     base = {"threads": args.threads, "steps": steps, "batch": 4, "seq": 256}
 
+    out: list[str] = []
+    if not args.only_scaling:
+        out += versus_peft(base, steps, args.threads)
+    if not args.no_scaling:
+        out += scaling(base, args.quick)
+    return write(out, args.no_write, args.only_scaling)
+
+
+def versus_peft(base: dict, steps: int, threads: int) -> list[str]:
     log("training: ours vs PEFT AdaptionPrompt, K=10")
     peft30 = run({**base, "impl": "peft", "layers": 30})
     ours30 = run({**base, "impl": "ours", "layers": 30})
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     peft10 = run({**base, "impl": "peft", "layers": 10})
 
     out = [
-        f"{SECTION}: {MODEL}, fp32, {args.threads} threads, batches of 4x256 Alpaca tokens, K=10\n",
+        f"{SECTION}: {MODEL}, fp32, {threads} threads, batches of 4x256 Alpaca tokens, K=10\n",
         f"Median of {steps} steps (AdamW, forward+backward+update) after one warm-up step; each row a fresh process. "
         "PEFT runs on a transformers LlamaForCausalLM holding the same weights.\n",
         "| adapter | layers | s/step | tokens/s | peak RSS MB | train peak MB | s/step ours/PEFT | peak ours/PEFT |",
@@ -200,36 +213,85 @@ def main(argv: list[str] | None = None) -> int:
         f"ours top-10 vs top-30: {ours30['s_step'] / ours10['s_step']:.2f}x faster "
         f"(frozen bottom under no_grad).\n"
     )
+    return out
 
-    if not args.no_scaling:
-        log("scaling: ours, L=30, with and without activation checkpointing")
-        grid = [(4, s) for s in ((128, 512) if args.quick else (128, 256, 512, 1024))]
-        grid += [(b, 256) for b in ((1, 8) if args.quick else (1, 2, 8))]
-        out += [
-            f"### Scaling: ours, K=10, L=30, {args.threads} threads\n",
-            "| batch | seq | s/step | tokens/s | train peak MB | ckpt s/step | ckpt train peak MB |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for b, s in sorted(grid):
-            if (b, s) == (4, 256):
-                plain = ours30
-            else:
-                plain = run({**base, "impl": "ours", "layers": 30, "batch": b, "seq": s})
-            ck = run({**base, "impl": "ours", "layers": 30, "batch": b, "seq": s, "ckpt": True})
-            out.append(
-                f"| {b} | {s} | {plain['s_step']:.3f} | {plain['tok_s']:.0f} | {fmt_mb(plain['train_peak_mb'])} | "
-                f"{ck['s_step']:.3f} | {fmt_mb(ck['train_peak_mb'])} |"
-            )
-        out.append("")
 
+def scaling(base: dict, quick: bool) -> list[str]:
+    """Step time and train-peak memory of ours (K=10, L=30) over sequence length and batch size, with
+    and without activation checkpointing; one timed step per cell (they are long), plotted to scaling.png."""
+    log("scaling: ours, L=30, with and without activation checkpointing")
+    seqs = (128, 512, 2048) if quick else (128, 256, 512, 1024, 2048)
+    grid = [(1, s) for s in seqs] + [(b, 256) for b in ((4,) if quick else (2, 4, 8))]
+    cells = []
+    for b, s in sorted(set(grid)):
+        cfg = {**base, "steps": 1, "impl": "ours", "layers": 30, "batch": b, "seq": s}
+        cells.append((b, s, run(cfg), run({**cfg, "ckpt": True})))
+    out = [
+        f"### Scaling: ours, K=10, L=30, {base['threads']} threads (one timed step per cell)\n",
+        "| batch | seq | s/step | tokens/s | train peak MB | ckpt s/step | ckpt train peak MB | ckpt memory saved |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, s, plain, ck in cells:
+        saved = "-"
+        if plain["train_peak_mb"] and ck["train_peak_mb"]:
+            saved = f"{100 * (1 - ck['train_peak_mb'] / plain['train_peak_mb']):.0f}%"
+        out.append(
+            f"| {b} | {s} | {plain['s_step']:.2f} | {plain['tok_s']:.0f} | {fmt_mb(plain['train_peak_mb'])} | "
+            f"{ck['s_step']:.2f} | {fmt_mb(ck['train_peak_mb'])} | {saved} |"
+        )
+    png = plot_scaling(cells)
+    if png:
+        out.append(f"\n![scaling]({png.name})\n")
+    return out
+
+
+def plot_scaling(cells: list) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax, unit in (("s_step", axes[0], "s/step"), ("train_peak_mb", axes[1], "train peak MB")):
+        for batch_fixed, label in ((True, "batch 1, seq"), (False, "seq 256, batch")):
+            pts = [(s if batch_fixed else b, p, c) for b, s, p, c in cells if (b == 1 if batch_fixed else s == 256)]
+            if len(pts) < 2:
+                continue
+            xs = [x for x, _, _ in pts]
+            ax.plot(xs, [p[key] or 0 for _, p, _ in pts], "o-", label=f"{label}")
+            ax.plot(xs, [c[key] or 0 for _, _, c in pts], "x--", label=f"{label}, checkpointed")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length or batch size")
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{MODEL}: adapter training (K=10, L=30), fp32 CPU")
+    fig.tight_layout()
+    path = HERE / "scaling.png"
+    fig.savefig(path, dpi=100)
+    log(f"wrote {path}")
+    return path
+
+
+def write(out: list[str], no_write: bool, only_scaling: bool) -> int:
     text = "\n".join(out)
     print(text)
-    if not args.no_write:
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-        head, _, rest = old.partition(SECTION)
-        tail = rest[rest.find("\n## ") + 1 :] if rest and "\n## " in rest else ""
-        RESULTS.write_text(head.rstrip() + "\n\n" + text + "\n" + (tail and "\n" + tail))
-        log(f"wrote {RESULTS}")
+    if no_write:
+        return 0
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    heading = "### Scaling" if only_scaling else SECTION
+    head, sep, rest = old.partition(heading)
+    tail = rest[rest.find("\n## ") + 1 :] if sep and "\n## " in rest else ""
+    if only_scaling and not sep:
+        # Insert after the training table's section so the two stay together.
+        head, sep, rest = old.partition(SECTION)
+        nxt = rest.find("\n## ")
+        head = head + sep + (rest[:nxt] if nxt >= 0 else rest)
+        tail = rest[nxt + 1 :] if nxt >= 0 else ""
+    RESULTS.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""))
+    log(f"wrote {RESULTS}")
     return 0
 
 
