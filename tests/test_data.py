@@ -12,9 +12,11 @@ from llama_adapter.data import (
     batch_indices,
     collate,
     encode_example,
+    file_has_images,
     iterate_batches,
     load_examples,
     split_holdout,
+    split_paths,
 )
 from llama_adapter.tokenizer import alpaca_prompt, load_tokenizer, render_chat
 
@@ -205,3 +207,33 @@ def test_iterate_batches(examples):
         assert b["input_ids"].shape == b["labels"].shape
         pad = torch.arange(b["input_ids"].shape[1])[None, :] >= b["lengths"][:, None]
         assert (b["labels"][pad] == IGNORE_INDEX).all() and (b["input_ids"][pad] == tok.pad_id).all()
+
+
+def test_collate_mixed_image_and_text_rows(examples):
+    """Joint training: rows without an image get zero features and has_image False; a batch with
+    no image at all carries no `visual` (the trainer's make_ctx fills it)."""
+    tok = load_tokenizer(SHARED / "llama2c" / "tok512.bin")
+    feats = [torch.arange(6.0) + 1, None, torch.ones(6)]
+    ds = InstructionDataset(examples[:3], tok, "alpaca", 512, visual=feats)
+    assert [it.has_image for it in ds] == [True, False, True]
+    b = collate([ds[1], ds[0], ds[2]], pad_id=0)
+    assert b["has_image"].tolist() == [False, True, True]
+    assert b["visual"].shape == (3, 6) and b["visual"][0].abs().sum() == 0
+    assert torch.equal(b["visual"][1], feats[0])
+    assert "visual" not in collate([ds[1]], pad_id=0)
+    # the (features, has_image) form still works
+    old = InstructionDataset(examples[:2], tok, "alpaca", 512, visual=(torch.ones(2, 4), torch.tensor([True, False])))
+    assert collate(list(old), 0)["has_image"].tolist() == [True, False]
+
+
+def test_split_paths_and_file_has_images(tmp_path):
+    assert split_paths("a.json, b.jsonl,") == [Path("a.json"), Path("b.jsonl")]
+    assert split_paths(["a.json,b.json", "c"]) == [Path("a.json"), Path("b.json"), Path("c")]
+    with pytest.raises(ValueError, match="--data"):
+        split_paths(" , ")
+    assert not file_has_images(ALPACA)
+    (tmp_path / "i.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"image": "x.png", "instruction": "c"}\n')
+    (tmp_path / "n.jsonl").write_text('{"image": null, "instruction": "a", "output": "b"}\n')
+    (tmp_path / "l.json").write_text(json.dumps([{"instruction": "a", "output": "b", "image": "x.png"}]))
+    assert file_has_images(tmp_path / "i.jsonl") and file_has_images(tmp_path / "l.json")
+    assert not file_has_images(tmp_path / "n.jsonl")

@@ -377,3 +377,95 @@ def test_image_features_for_uses_the_adapters_encoder(tmp_path):
     text = AdaptedLLaMA(tiny_llama(), AdapterConfig(adapter_len=2, adapter_layers=1))
     with pytest.raises(ValueError, match="text-only"):
         image_features_for(text, [p])
+
+
+# ---------------------------------------------------------------- patch tokens (V2 visual-query blocks)
+
+
+def test_clip_tokens_cls_is_the_image_embedding(tiny_clip, tmp_path):
+    x = tiny_clip.preprocess([photo(tmp_path / "a.png"), photo(tmp_path / "b.png", seed=1)])
+    tok = tiny_clip.encode_tokens(x)
+    c = tiny_clip.config
+    assert tok.shape == (2, (c.image_size // c.patch_size) ** 2 + 1, c.output_dim) == (2, *tiny_clip.token_shape)
+    # token 0 after the last layer through ln_post/proj is exactly CLIP's image embedding
+    torch.testing.assert_close(tok[:, 0], tiny_clip.encode(x)[-1], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(tok[:, 1], tok[:, 2])  # patches differ from each other
+
+
+@needs_flickr
+def test_efficientnet_tokens_are_the_head_feature_map(effnet):
+    x = effnet.preprocess([FLICKR / "images" / DOGS[0]])
+    tok = effnet.encode_tokens(x)
+    assert tok.shape == (1, 49, 1280) == (1, *effnet.token_shape)
+    # the global head feature is the mean of the 7x7 tokens
+    torch.testing.assert_close(tok.mean(1), effnet.encode(x)[-1], atol=1e-5, rtol=1e-5)
+    assert tok.std(1).mean() > 0.1  # the tokens are spatial, not one vector repeated
+
+
+def test_token_cache_and_example_visuals_share_rows(tiny_clip, tmp_path):
+    a, b = photo(tmp_path / "a.png"), photo(tmp_path / "b.png", seed=1)
+    exs = [{"image": str(a)}, {"image": None}, {"image": str(b)}, {"image": str(a)}]
+    calls = []
+    real = tiny_clip.encode_tokens
+    tiny_clip.encode_tokens = lambda x: calls.append(len(x)) or real(x)
+    try:
+        rows = mm.example_visuals(exs, tiny_clip, tmp_path / "cache", tokens=True)
+        assert calls == [2]
+        again = mm.example_visuals(exs, tiny_clip, tmp_path / "cache", tokens=True)
+        assert calls == [2]  # every image from the cache
+        nocache = mm.example_visuals(exs, tiny_clip, tokens=True)
+    finally:
+        del tiny_clip.encode_tokens
+    n, d = tiny_clip.token_shape
+    assert rows[1] is None and rows[0].shape == (n * d,)
+    assert rows[0].data_ptr() == rows[3].data_ptr()  # one tensor per image, not per row
+    for r, s, t in zip(rows, again, nocache):
+        assert (r is None) == (s is None) == (t is None)
+        if r is not None:
+            assert torch.equal(r, s)
+            torch.testing.assert_close(r, t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rows[2].view(n, d), tiny_clip.encode_token_images([b])[0], atol=1e-6, rtol=1e-5)
+    # tokens and global features live in separate cache folders
+    glob = mm.example_visuals(exs, tiny_clip, tmp_path / "cache")
+    assert glob[0].shape == (tiny_clip.feature_dim,)
+    assert {p.name for p in (tmp_path / "cache").iterdir()} == {tiny_clip.cache_id, tiny_clip.cache_id + "-tokens"}
+
+
+def test_visual_query_adapter_takes_tokens_through_image_features_for(tiny_clip, tmp_path):
+    kw = mm.visual_config(tiny_clip, "clip-tiny", tokens=True)
+    n, d = tiny_clip.token_shape
+    assert kw == {"visual_dim": n * d, "visual_tokens": n, "visual_token_dim": d, "image_encoder": "clip-tiny"}
+    base = tiny_llama()
+    idx = torch.randint(0, 61, (2, 9))
+    with torch.no_grad():
+        frozen = base(idx)
+    model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=2, visual_query_blocks=1, **kw))
+    p = photo(tmp_path / "x.png")
+    f = image_features_for(model, [p, p], cache_dir=tmp_path / "c")
+    assert f.shape == (2, n * d)
+    torch.testing.assert_close(f, tiny_clip.encode_token_images([p, p]).flatten(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(image_features_for(model, [Image.open(p)]), f[:1], atol=1e-6, rtol=1e-5)
+    make_ctx = mm.visual_make_ctx(model)
+    with torch.no_grad():
+        assert torch.equal(model(idx, ctx=model.prompt_state(visual=f, has_image=torch.tensor([True, False]))), frozen)
+        # a batch of text rows only (joint training) gets zero tokens with has_image False
+        ctx = make_ctx({"input_ids": idx})
+        assert torch.equal(model(idx, ctx=ctx), frozen)
+        model.adapter.gates.fill_(0.5)
+        got, want = model(idx, ctx=make_ctx({"input_ids": idx})), model(idx, ctx=model.prompt_state())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # [B, K, dim] vs [1, K, dim] prompts
+
+
+def test_load_any_examples_mixes_text_and_image_files(tmp_path):
+    img = photo(tmp_path / "a.png")
+    (tmp_path / "img.jsonl").write_text(
+        json.dumps({"image": "a.png", "instruction": "Describe.", "output": "x"})
+        + "\n"
+        + json.dumps({"instruction": "Hi", "output": "y"})
+        + "\n"  # fmt: skip
+    )
+    (tmp_path / "text.json").write_text(json.dumps([{"instruction": "Add 1+1.", "input": "", "output": "2"}]))
+    a = mm.load_any_examples(tmp_path / "img.jsonl")
+    t = mm.load_any_examples(tmp_path / "text.json")
+    assert [e["image"] for e in a] == [str(img), None]
+    assert t == [{"instruction": "Add 1+1.", "input": "", "output": "2", "image": None}]

@@ -106,6 +106,39 @@ def load_examples(path: str | Path) -> list[dict]:
     return examples
 
 
+def split_paths(data: str | Path | Sequence[str | Path]) -> list[Path]:
+    """`--data a.json,b.jsonl` (or a list) -> paths; joint training reads several files as one set."""
+    items = [data] if isinstance(data, (str, Path)) else list(data)
+    paths = [Path(p.strip()) for it in items for p in str(it).split(",") if p.strip()]
+    if not paths:
+        raise ValueError("no data file given; pass --data FILE (several: --data a.json,b.jsonl)")
+    return paths
+
+
+def file_has_images(path: str | Path) -> bool:
+    """Whether any example of a JSON list / JSONL file names an image (an image-text file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}; pass an Alpaca JSON/JSONL or chat JSONL file")
+    raw = path.read_bytes()
+    if raw.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False  # load_examples reports the problem with its line number
+        return any(isinstance(it, dict) and it.get("image") for it in items)
+    for line in raw.split(b"\n"):
+        if b'"image"' not in line:  # cheap pre-filter: most lines of a text file skip json.loads
+            continue
+        try:
+            item = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(item, dict) and item.get("image"):
+            return True
+    return False
+
+
 def split_holdout(examples: Sequence[dict], fraction: float = 0.05, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Deterministic (train, val) split; both keep the original order. At least one val example if fraction > 0
     and there are at least two examples."""
@@ -129,7 +162,7 @@ class Encoded:
     labels: list[int]  # IGNORE_INDEX on prompt tokens, the token id on response tokens
     truncated: bool = False  # the response was cut at max_len
     dropped: bool = False  # the prompt alone leaves no room for a response token; input_ids/labels are empty
-    visual: Any = None  # image features [F] for a multimodal adapter (None: text-only data)
+    visual: Any = None  # image features [F] for a multimodal adapter (None: text-only row)
     has_image: bool = False
 
 
@@ -197,15 +230,25 @@ def encode_example(example: dict, tokenizer: Tokenizer, template: str, max_len: 
 class InstructionDataset(Sequence):
     """Encoded examples (dropped ones removed); `n_truncated` / `n_dropped` count what max_len cost."""
 
-    def __init__(self, examples: Sequence[dict], tokenizer: Tokenizer, template: str, max_len: int,
-                 visual: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """`visual`: (features [N, F], has_image [N]) aligned with `examples` (multimodal.example_features)."""
+    def __init__(
+        self,
+        examples: Sequence[dict],
+        tokenizer: Tokenizer,
+        template: str,
+        max_len: int,
+        visual: tuple[torch.Tensor, torch.Tensor] | Sequence[torch.Tensor | None] | None = None,
+    ):
+        """`visual`, aligned with `examples`: (features [N, F], has_image [N]) from
+        multimodal.example_features, or a list of per-example features / None (no image) from
+        multimodal.example_visuals."""
         self.items: list[Encoded] = []
         self.n_truncated = self.n_dropped = 0
         for i, ex in enumerate(examples):
             enc = encode_example(ex, tokenizer, template, max_len)
-            if visual is not None:
+            if isinstance(visual, tuple):
                 enc.visual, enc.has_image = visual[0][i], bool(visual[1][i])
+            elif visual is not None:
+                enc.visual, enc.has_image = visual[i], visual[i] is not None
             self.n_dropped += enc.dropped
             self.n_truncated += enc.truncated
             if not enc.dropped:
@@ -248,10 +291,14 @@ def collate(items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
         labels[b, :n] = torch.tensor(_get(it, "labels"), dtype=torch.long)
     out = {"input_ids": input_ids, "labels": labels, "lengths": torch.tensor(lengths, dtype=torch.long)}
     vis = [getattr(it, "visual", None) if not isinstance(it, dict) else it.get("visual") for it in items]
-    if items and all(v is not None for v in vis):
-        out["visual"] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vis])
+    first = next((v for v in vis if v is not None), None)
+    if first is not None:
+        # Joint image + text batches: text rows get zero features and has_image False.
+        zero = torch.zeros(torch.as_tensor(first).shape)
+        out["visual"] = torch.stack([zero if v is None else torch.as_tensor(v, dtype=torch.float32) for v in vis])
         out["has_image"] = torch.tensor(
-            [bool(it.get("has_image", True) if isinstance(it, dict) else it.has_image) for it in items])
+            [v is not None and bool(it.get("has_image", True) if isinstance(it, dict) else it.has_image)
+             for v, it in zip(vis, items)])  # fmt: skip
     return out
 
 

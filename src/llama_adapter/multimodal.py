@@ -22,6 +22,12 @@ Encoders (`load_image_encoder(name, weights)`), each with its own preprocessing:
 
 Features can be precomputed once per image (`FeatureCache`, keyed by the file's sha256 and the
 encoder's identity) so training does not re-run the encoder every epoch.
+
+Patch tokens (LLaMA-Adapter V2's visual-query blocks, `v2.VisualQuery`): `encode_tokens` gives
+`[B, N, d]` per image: EfficientNet-Lite0's final (head) feature map as 7 x 7 = 49 tokens of 1280,
+CLIP's CLS + patch tokens after the last layer through `ln_post` and `proj` (as V2 reads CLIP).
+A visual-query adapter takes them flattened (`visual_dim = N * d`, see `visual_config`), so the
+same `[B, visual_dim]` paths (cache with `tokens=True`, collate, generate, serve) carry them.
 """
 
 from __future__ import annotations
@@ -170,6 +176,28 @@ class ImageEncoder(nn.Module):
     def train(self, mode: bool = True) -> ImageEncoder:
         return super().train(False)  # always eval: BN statistics and dropout stay frozen
 
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"encoder {self.name} gives no patch tokens; drop visual_query_blocks or use another encoder")
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(N, d): tokens per image and their width, as `encode_tokens` returns them."""
+        raise ValueError(f"encoder {self.name} gives no patch tokens; drop visual_query_blocks or use another encoder")
+
+    @torch.no_grad()
+    def encode_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> patch tokens [B, N, d] float32 (frozen, eval, no grad)."""
+        p = next(self.parameters())
+        return self.forward_tokens(pixels.to(p.device, p.dtype)).float()
+
+    def encode_token_images(self, images: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """PIL images or paths -> [B, N, d] (CPU float32)."""
+        out = [
+            self.encode_tokens(self.preprocess(images[i : i + batch_size])).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, *self.token_shape)
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """[B, 3, H, W] -> list of [B, d_i] float32 (frozen, eval, no grad)."""
@@ -271,17 +299,27 @@ class EfficientNetLite0(nn.Module):
         # Last block of the stride-8, stride-16 and stride-32 stages: 40, 112, 320 channels.
         self.tap_blocks = (4, 10, 15)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Global-average-pooled features at stride 8, 16, 32 and after the head."""
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps [B, C, H, W] at stride 8, 16, 32 and after the head (1280 x 7 x 7 at 224)."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         out = []
         for i, b in enumerate(self._blocks):
             x = b(x)
             if i in self.tap_blocks:
-                out.append(x.mean((2, 3)))
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        out.append(x.mean((2, 3)))
+                out.append(x)
+        out.append(F.relu6(self._bn1(self._conv_head(x))))
         return out
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Global-average-pooled features at stride 8, 16, 32 and after the head."""
+        return [m.mean((2, 3)) for m in self.feature_maps(x)]
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's feature map as tokens [B, H*W, 1280] (row-major positions)."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        return F.relu6(self._bn1(self._conv_head(x))).flatten(2).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(x)[-1])
@@ -302,6 +340,14 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
     def forward_features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         return self.net.features(pixels)
+
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.tokens(pixels)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        side = math.ceil(self.image_size / 32)  # total stride 32 with SAME padding
+        return side * side, 1280
 
     @torch.no_grad()
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -434,12 +480,23 @@ class ClipVisionTransformer(nn.Module):
         for b in self.transformer.resblocks:
             nn.init.normal_(b.attn.in_proj_weight, std=scale)
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Projected CLS embeddings after each tap layer: list of [B, output_dim]."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid^2, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.ln_pre(x)
+        return self.ln_pre(x)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """CLS + patch tokens after the last layer, through ln_post and proj: [B, 1 + grid^2, output_dim]
+        (what V2 feeds its visual-query blocks)."""
+        x = self._embed(x)
+        for block in self.transformer.resblocks:
+            x = block(x)
+        return self.ln_post(x) @ self.proj
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Projected CLS embeddings after each tap layer: list of [B, output_dim]."""
+        x = self._embed(x)
         taps = set(self.config.taps)
         out = []
         for i, block in enumerate(self.transformer.resblocks, start=1):
@@ -476,6 +533,19 @@ class ClipViTEncoder(ImageEncoder):
                 f"{tuple(pixels.shape[-2:])}; use encoder.preprocess(images)"
             )
         return self.visual.features(pixels)
+
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
+            raise ValueError(
+                f"{self.name} takes {self.image_size}x{self.image_size} pixels, got "
+                f"{tuple(pixels.shape[-2:])}; use encoder.preprocess(images)"
+            )
+        return self.visual.tokens(pixels)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        grid = self.image_size // self.config.patch_size
+        return grid * grid + 1, self.config.output_dim
 
     def load_weights(self, path: str | os.PathLike[str]) -> ClipViTEncoder:
         """Load the visual tower from an OpenAI / open_clip checkpoint (full model or visual only)."""
@@ -626,13 +696,21 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 class FeatureCache:
     """Precomputed concatenated features, one `<sha256>.safetensors` per image under
-    `dir/<encoder cache_id>/<sha[:2]>/`, written atomically; missing ones computed in batches."""
+    `dir/<encoder cache_id>/<sha[:2]>/`, written atomically; missing ones computed in batches.
+    `tokens=True` caches patch tokens [N, d] instead (under `<cache_id>-tokens`)."""
 
     def __init__(
-        self, directory: str | os.PathLike[str], encoder: ImageEncoder, batch_size: int = 32, progress: bool = True
+        self,
+        directory: str | os.PathLike[str],
+        encoder: ImageEncoder,
+        batch_size: int = 32,
+        progress: bool = True,
+        tokens: bool = False,
     ) -> None:
         self.encoder = encoder
-        self.root = Path(directory) / encoder.cache_id
+        self.tokens = tokens
+        self.root = Path(directory) / (encoder.cache_id + ("-tokens" if tokens else ""))
+        self.shape = tuple(encoder.token_shape) if tokens else (encoder.feature_dim,)
         self.batch_size = batch_size
         self.progress = progress
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -652,7 +730,14 @@ class FeatureCache:
         return self.root / sha[:2] / f"{sha}.safetensors"
 
     def get(self, paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
-        """[len(paths), feature_dim] float32, computing and storing what is missing."""
+        """[len(paths), feature_dim] (tokens: [len(paths), N, d]) float32, computing and storing
+        what is missing."""
+        rows = self.get_rows(paths)
+        return torch.stack(rows) if rows else torch.zeros(0, *self.shape)
+
+    def get_rows(self, paths: Sequence[str | os.PathLike[str]]) -> list[torch.Tensor]:
+        """One tensor per path; repeated images share one tensor (captions datasets repeat each
+        image several times, and token features are large)."""
         from safetensors.torch import load_file, save_file
 
         shas = [self.key(p) for p in paths]
@@ -671,7 +756,9 @@ class FeatureCache:
                 )
             for i in range(0, len(items), self.batch_size):
                 chunk = items[i : i + self.batch_size]
-                feats = self.encoder.encode_concat(self.encoder.preprocess([p for _, p in chunk])).cpu()
+                pixels = self.encoder.preprocess([p for _, p in chunk])
+                enc = self.encoder.encode_tokens if self.tokens else self.encoder.encode_concat
+                feats = enc(pixels).cpu()
                 for (s, _), f in zip(chunk, feats):
                     out = self._file(s)
                     _atomic_write(out, lambda t, f=f: save_file({"features": f.contiguous()}, t))
@@ -679,16 +766,18 @@ class FeatureCache:
                     bar.update(len(chunk))
             if bar:
                 bar.close()
-        rows = []
+        loaded: dict[str, torch.Tensor] = {}
         for s in shas:
+            if s in loaded:
+                continue
             f = load_file(str(self._file(s)))["features"]
-            if f.shape != (self.encoder.feature_dim,):
+            if tuple(f.shape) != self.shape:
                 raise ValueError(
                     f"cached features {self._file(s)} have shape {list(f.shape)}, expected "
-                    f"[{self.encoder.feature_dim}]; delete {self.root} and re-run"
+                    f"{list(self.shape)}; delete {self.root} and re-run"
                 )
-            rows.append(f)
-        return torch.stack(rows) if rows else torch.zeros(0, self.encoder.feature_dim)
+            loaded[s] = f
+        return [loaded[s] for s in shas]
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,6 +819,17 @@ def load_image_examples(path: str | os.PathLike[str], check_images: bool = True)
     if not out:
         raise ValueError(f"{p} holds no examples")
     return out
+
+
+def load_any_examples(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One data file for joint image + text training: an image-text JSONL (any row with an
+    "image" key; `load_image_examples`) or an Alpaca / chat file (`data.load_examples`, every row
+    gets image None). Rows without an image then add nothing visual (has_image False)."""
+    from .data import file_has_images, load_examples
+
+    if file_has_images(path):
+        return load_image_examples(path)
+    return [{**ex, "image": None} for ex in load_examples(path)]
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
@@ -849,10 +949,59 @@ def example_features(
     return feats, has
 
 
+def example_visuals(
+    examples: Sequence[dict[str, Any]],
+    encoder: ImageEncoder,
+    cache_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    tokens: bool = False,
+) -> list[torch.Tensor | None]:
+    """Per-example flattened features ([feature_dim], or [N * d] patch tokens with `tokens`), None
+    for rows without an image. Rows of the same image share one tensor, so a captions file with
+    five captions per image, or a text dataset mixed in, costs no copies (a dense [rows, N * d]
+    table of EfficientNet tokens would be 250 kB per row)."""
+    idx = [i for i, ex in enumerate(examples) if ex.get("image")]
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    if not idx:
+        return out
+    paths = [examples[i]["image"] for i in idx]
+    if cache_dir is not None:
+        rows = FeatureCache(cache_dir, encoder, batch_size, tokens=tokens).get_rows(paths)
+    else:
+        uniq = list(dict.fromkeys(str(p) for p in paths))
+        enc = encoder.encode_token_images if tokens else encoder.encode_images
+        feats = enc(uniq, batch_size)
+        by_path = {p: feats[j] for j, p in enumerate(uniq)}
+        rows = [by_path[str(p)] for p in paths]
+    for i, f in zip(idx, rows):
+        out[i] = f.reshape(-1)
+    return out
+
+
+def uses_tokens(config: Any) -> bool:
+    """Whether an adapter config takes patch tokens (visual-query blocks) rather than global features."""
+    return bool(getattr(config, "visual_query_blocks", 0))
+
+
+def visual_config(encoder: ImageEncoder, name: str, tokens: bool = False) -> dict[str, Any]:
+    """AdapterConfig fields describing what `encoder` feeds the adapter: global features, or
+    (`tokens`, for visual-query blocks) N x d patch tokens passed flattened."""
+    if not tokens:
+        return {"visual_dim": encoder.feature_dim, "image_encoder": name}
+    n, d = encoder.token_shape
+    return {"visual_dim": n * d, "visual_tokens": n, "visual_token_dim": d, "image_encoder": name}
+
+
 def visual_make_ctx(model: Any) -> Callable[[dict[str, torch.Tensor]], Any]:
-    """`make_ctx` for train.fit: a batch carrying `visual` [B, F] and `has_image` [B] -> PromptState."""
+    """`make_ctx` for train.fit: a batch carrying `visual` [B, F] and `has_image` [B] -> PromptState.
+    A batch without `visual` (only text rows, e.g. joint image + text training) gets zero features
+    with has_image False, which add exactly nothing but keep the visual module in the graph."""
 
     def make_ctx(batch: dict[str, torch.Tensor]) -> Any:
+        if "visual" not in batch:
+            B, dev = batch["input_ids"].shape[0], batch["input_ids"].device
+            vis = torch.zeros(B, model.adapter_config.visual_dim, device=dev)
+            return model.prompt_state(visual=vis, has_image=torch.zeros(B, dtype=torch.bool, device=dev))
         return model.prompt_state(visual=batch["visual"], has_image=batch["has_image"])
 
     return make_ctx
@@ -866,14 +1015,19 @@ def image_features_for(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> torch.Tensor:
     """Features [B, visual_dim] for a multimodal adapter, from the encoder it was trained with
-    (`adapter_config.image_encoder`). Entries may be paths or PIL images."""
+    (`adapter_config.image_encoder`). Entries may be paths or PIL images. For a visual-query
+    adapter these are the flattened patch tokens [B, N * d]."""
     cfg = getattr(model, "adapter_config", None)
     if cfg is None or not cfg.visual_dim or not cfg.image_encoder:
         raise ValueError("images need a multimodal adapter (trained with --image-encoder); this one is text-only")
     p = next(model.parameters())
     enc = get_image_encoder(cfg.image_encoder, weights, str(p.device))
-    if enc.feature_dim != cfg.visual_dim:
-        raise ValueError(f"encoder {enc.name} gives {enc.feature_dim} features, the adapter expects {cfg.visual_dim}")
+    tokens = uses_tokens(cfg)
+    got = math.prod(enc.token_shape) if tokens else enc.feature_dim
+    if got != cfg.visual_dim:
+        raise ValueError(f"encoder {enc.name} gives {got} features, the adapter expects {cfg.visual_dim}")
     if cache_dir is not None and all(not isinstance(x, Image.Image) for x in images):
-        return FeatureCache(cache_dir, enc, progress=False).get(images).to(p.device)
+        return FeatureCache(cache_dir, enc, progress=False, tokens=tokens).get(images).flatten(1).to(p.device)
+    if tokens:
+        return enc.encode_token_images(list(images)).flatten(1).to(p.device)
     return enc.encode_images(list(images)).to(p.device)

@@ -47,7 +47,7 @@ log = logging.getLogger("llama_adapter.train")
 @dataclass
 class TrainArgs:
     model: str = "smollm2-135m-instruct"
-    data: str = ""
+    data: str = ""  # one file, or several comma-separated (joint training: Alpaca JSON + image JSONL)
     out: str = "runs/adapter"
     template: str | None = None  # None: the tokenizer's own chat template, else "alpaca" / "chatml"
     adapter_len: int = 10
@@ -81,8 +81,45 @@ class TrainArgs:
     image_encoder: str | None = None  # multimodal: image JSONL data, a frozen encoder, a trainable projection
     image_encoder_weights: str | None = None  # local encoder checkpoint (None: the encoder's packaged weights)
     feature_cache: str | None = None  # folder caching encoder features by image hash (default OUT/feature_cache)
-    val_data: str | None = None  # held-out data file (default: val_fraction of --data)
+    val_data: str | None = None  # held-out data file(s), comma-separated (default: val_fraction of --data)
+    # LLaMA-Adapter V2 (see v2.py): bias/scale on every block linear, trainable RMSNorm weights.
+    bias_scale: bool = False
+    train_norms: bool = False
+    visual_layers: int = 0  # early fusion: images reach only the first N adapted layers (0 = all; needs images)
+    visual_query_blocks: int = 0  # V2 visual-query blocks over patch tokens (0 = global-feature projection)
+    visual_query_dim: int = 0  # width of those blocks (0 = the model width)
+    visual_query_heads: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_args(args: TrainArgs) -> None:
+    """Option combinations that cannot work, rejected before any data or weights are loaded; each
+    message names the option to drop."""
+    if not args.image_encoder:
+        for name, flag in (
+            ("visual_layers", "--visual-layers"),
+            ("visual_query_blocks", "--visual-query-blocks"),
+            ("visual_query_dim", "--visual-query-dim"),
+            ("feature_cache", "--feature-cache"),
+            ("image_encoder_weights", "--image-encoder-weights"),
+        ):
+            if getattr(args, name):
+                raise ValueError(
+                    f"{flag} needs images, but no --image-encoder is set; drop {flag} or add "
+                    "--image-encoder efficientnet-lite0"
+                )
+    if args.visual_query_heads != 4 and not args.visual_query_blocks:
+        raise ValueError("--visual-query-heads is set without --visual-query-blocks; drop --visual-query-heads")
+    if args.visual_query_dim and not args.visual_query_blocks:
+        raise ValueError("--visual-query-dim is set without --visual-query-blocks; drop --visual-query-dim")
+    for name in ("visual_layers", "visual_query_blocks", "visual_query_dim"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.visual_layers and args.adapter_layers and args.visual_layers > args.adapter_layers:
+        raise ValueError(
+            f"--visual-layers {args.visual_layers} exceeds --adapter-layers {args.adapter_layers} "
+            "(early fusion picks among the adapted layers); lower or drop --visual-layers"
+        )
 
 
 def cosine_lr(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -113,15 +150,25 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any = 
     return loss, int(keep.sum())
 
 
-def evaluate_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], precision: str = "fp32",
-                  device: str = "cpu", make_ctx: Callable[[dict], Any] | None = None) -> float:
+def evaluate_loss(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    precision: str = "fp32",
+    device: str = "cpu",
+    make_ctx: Callable[[dict], Any] | None = None,
+) -> float:
     total, n = evaluate_sums(model, batches, precision, device, make_ctx)
     return total / max(n, 1)
 
 
 @torch.no_grad()
-def evaluate_sums(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], precision: str = "fp32",
-                  device: str = "cpu", make_ctx: Callable[[dict], Any] | None = None) -> tuple[float, int]:
+def evaluate_sums(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    precision: str = "fp32",
+    device: str = "cpu",
+    make_ctx: Callable[[dict], Any] | None = None,
+) -> tuple[float, int]:
     """Summed response-token loss and token count (sums add up across ranks)."""
     was_training = model.training
     model.eval()
@@ -156,8 +203,9 @@ class Checkpointer:
         self.root = out / "checkpoints"
         self.keep = keep
 
-    def save(self, model: AdaptedLLaMA, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-             metadata: dict[str, Any]) -> Path:
+    def save(
+        self, model: AdaptedLLaMA, optimizer: torch.optim.Optimizer, state: dict[str, Any], metadata: dict[str, Any]
+    ) -> Path:
         step = state["step"]
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".step-{step:07d}.tmp"
@@ -196,11 +244,22 @@ class FitResult:
     stopped: str = "done"  # done | max_steps | nan
 
 
-def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any], args: TrainArgs,
-        *, pad_id: int, out: Path | None = None, rank: int = 0, world_size: int = 1,
-        wrap: Callable[[nn.Module], nn.Module] | None = None,
-        make_ctx: Callable[[dict], Any] | None = None, progress: bool = True,
-        metadata: dict[str, Any] | None = None, parallel: Parallel | None = None) -> FitResult:
+def fit(
+    model: AdaptedLLaMA,
+    train_items: Sequence[Any],
+    val_items: Sequence[Any],
+    args: TrainArgs,
+    *,
+    pad_id: int,
+    out: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    make_ctx: Callable[[dict], Any] | None = None,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+    parallel: Parallel | None = None,
+) -> FitResult:
     """Train the trainable parameters of `model` on encoded items (each with input_ids/labels).
 
     `parallel` (from distributed.setup_distributed) supplies rank, world_size and the DDP/FSDP wrap.
@@ -217,9 +276,11 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
     device = args.device
     global_batch = args.batch_size * grad_accum * world_size
     if len(train_items) < global_batch:
-        raise ValueError(f"the training set has {len(train_items)} examples, fewer than one global batch of "
-                         f"{global_batch} (batch {args.batch_size} x accumulation {grad_accum} x {world_size} "
-                         "processes); lower --batch-size, --grad-accum or --devices, or add data")
+        raise ValueError(
+            f"the training set has {len(train_items)} examples, fewer than one global batch of "
+            f"{global_batch} (batch {args.batch_size} x accumulation {grad_accum} x {world_size} "
+            "processes); lower --batch-size, --grad-accum or --devices, or add data"
+        )
     lengths = [len(it.input_ids) for it in train_items]
     steps_per_epoch = max(1, len(train_items) // global_batch)
     total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -245,14 +306,22 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
                     f"--resume: the checkpoint was trained with a global batch of {state['global_batch']}, this "
                     f"run has {global_batch} (batch {args.batch_size} x accumulation {grad_accum} x {world_size} "
                     f"processes), so step {state['step']} would see other data at another lr; keep the global "
-                    f"batch, e.g. --global-batch {state['global_batch']}")
+                    f"batch, e.g. --global-batch {state['global_batch']}"
+                )
             step = state["step"]
             metrics_rows = [r for r in read_metrics(out) if int(r["step"]) <= step]
             log.info("resumed from %s at step %d", ckpt.latest(), step)
 
-    val_batches = [collate([val_items[i] for i in b], pad_id)
-                   for b in batch_indices([len(v.input_ids) for v in val_items], args.batch_size, shuffle=False,
-                                          seed=0, epoch=0)] if len(val_items) else []
+    val_batches = (
+        [
+            collate([val_items[i] for i in b], pad_id)
+            for b in batch_indices(
+                [len(v.input_ids) for v in val_items], args.batch_size, shuffle=False, seed=0, epoch=0
+            )
+        ]
+        if len(val_items)
+        else []
+    )
 
     def run_eval() -> float:
         if world_size == 1:
@@ -270,8 +339,18 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
     if val_batches and step == 0:
         v = run_eval()
         result.val_losses.append((0, v))
-        metrics_rows.append({"step": 0, "epoch": 0.0, "loss": "", "lr": 0.0, "tokens": 0, "tokens_per_s": "",
-                             "elapsed_s": 0.0, "val_loss": v})
+        metrics_rows.append(
+            {
+                "step": 0,
+                "epoch": 0.0,
+                "loss": "",
+                "lr": 0.0,
+                "tokens": 0,
+                "tokens_per_s": "",
+                "elapsed_s": 0.0,
+                "val_loss": v,
+            }
+        )
     bar = None
     if progress and is_main:
         from tqdm import tqdm
@@ -292,8 +371,8 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
                 g["lr"] = cur_lr
             gb = batches[bi]
             n_tokens = sum(sum(1 for t in train_items[i].labels[1:] if t != -100) for i in gb)
-            micro = [gb[j:j + args.batch_size] for j in range(0, len(gb), args.batch_size)]
-            mine = micro[rank * grad_accum:(rank + 1) * grad_accum]
+            micro = [gb[j : j + args.batch_size] for j in range(0, len(gb), args.batch_size)]
+            mine = micro[rank * grad_accum : (rank + 1) * grad_accum]
             loss_total = 0.0
             step_tokens = 0
             for j, mb in enumerate(mine):
@@ -310,8 +389,10 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
             loss_value = reduce_sum(loss_total, world_size) / max(n_tokens, 1)
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
-                msg = (f"loss became {loss_value} at step {step}; stopping. The last good checkpoint "
-                       f"(step {last_good}) is kept; lower --lr/--blr or use --precision fp32")
+                msg = (
+                    f"loss became {loss_value} at step {step}; stopping. The last good checkpoint "
+                    f"(step {last_good}) is kept; lower --lr/--blr or use --precision fp32"
+                )
                 log.error(msg)
                 if bar:
                     bar.close()
@@ -328,9 +409,16 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
             tokens_seen += step_tokens * world_size
             result.train_losses.append(loss_value)
             elapsed = time.perf_counter() - t0
-            row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(loss_value, 6),
-                   "lr": cur_lr, "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
-                   "elapsed_s": round(elapsed, 2), "val_loss": ""}
+            row = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
+                "loss": round(loss_value, 6),
+                "lr": cur_lr,
+                "tokens": tokens_seen,
+                "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+                "elapsed_s": round(elapsed, 2),
+                "val_loss": "",
+            }
             if val_batches and (step % args.eval_every == 0 or step == max_steps):
                 row["val_loss"] = run_eval()
                 result.val_losses.append((step, row["val_loss"]))
@@ -339,8 +427,18 @@ def fit(model: AdaptedLLaMA, train_items: Sequence[Any], val_items: Sequence[Any
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cur_lr:.2e}", tok_s=row["tokens_per_s"])
                 bar.update(1)
             if ckpt is not None and is_main and (step % args.save_every == 0 or step == max_steps):
-                ckpt.save(model, optimizer, {"step": step, "epoch": epoch, "lr": cur_lr, "global_batch": global_batch,
-                                             "world_size": world_size}, metadata or {})
+                ckpt.save(
+                    model,
+                    optimizer,
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "lr": cur_lr,
+                        "global_batch": global_batch,
+                        "world_size": world_size,
+                    },
+                    metadata or {},
+                )
                 write_metrics(out, metrics_rows)
                 last_good = step
         epoch += 1
@@ -372,11 +470,15 @@ def resolve_grad_accum(args: TrainArgs, world_size: int) -> int:
         return args.grad_accum
     per = args.batch_size * world_size
     if args.global_batch < 1 or args.global_batch % per:
-        raise ValueError(f"--global-batch {args.global_batch} is not divisible by --batch-size {args.batch_size} x "
-                         f"{world_size} processes = {per}; use a multiple of {per} or change --batch-size")
+        raise ValueError(
+            f"--global-batch {args.global_batch} is not divisible by --batch-size {args.batch_size} x "
+            f"{world_size} processes = {per}; use a multiple of {per} or change --batch-size"
+        )
     if args.grad_accum not in (1, args.global_batch // per):
-        raise ValueError(f"--grad-accum {args.grad_accum} contradicts --global-batch {args.global_batch} "
-                         f"(which needs {args.global_batch // per}); give only one of them")
+        raise ValueError(
+            f"--grad-accum {args.grad_accum} contradicts --global-batch {args.global_batch} "
+            f"(which needs {args.global_batch // per}); give only one of them"
+        )
     return args.global_batch // per
 
 
@@ -440,22 +542,41 @@ def finetune(args: TrainArgs) -> FitResult:
         return _finetune(replace(args, device=par.device), par)
 
 
+def load_data(data: str, images: bool) -> list[dict[str, Any]]:
+    """Examples from one or several comma-separated files. With `images`, image-text JSONL and
+    Alpaca / chat files mix (joint training; text rows carry image None); without, a file that
+    names images is an error rather than silently training on its captions alone."""
+    from .data import file_has_images, load_examples, split_paths
+
+    paths = split_paths(data)
+    if images:
+        from .multimodal import load_any_examples
+
+        return [ex for p in paths for ex in load_any_examples(p)]
+    for p in paths:
+        if file_has_images(p):
+            raise ValueError(
+                f"{p} holds image-text rows but no --image-encoder is set; add --image-encoder "
+                "efficientnet-lite0 or drop that file from --data"
+            )
+    return [ex for p in paths for ex in load_examples(p)]
+
+
 def _finetune(args: TrainArgs, par: Parallel) -> FitResult:
     from .checkpoint import load_model
-    from .data import InstructionDataset, load_examples, split_holdout
+    from .data import InstructionDataset, split_holdout
     from .tokenizer import load_tokenizer
 
+    check_args(args)
     out = Path(args.out)
     if (out / "checkpoints").exists() and not args.resume and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     encoder = None
+    examples = load_data(args.data, images=bool(args.image_encoder))
     if args.image_encoder:
-        from .multimodal import load_image_encoder, load_image_examples
+        from .multimodal import load_image_encoder
 
-        examples = load_image_examples(args.data)
         encoder = load_image_encoder(args.image_encoder, args.image_encoder_weights)
-    else:
-        examples = load_examples(args.data)
     # bf16: the frozen base is stored in bf16 (half the memory; autocast computes in bf16 anyway),
     # the adapter and its optimizer state stay fp32.
     base = load_model(args.model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
@@ -464,38 +585,58 @@ def _finetune(args: TrainArgs, par: Parallel) -> FitResult:
     n_layers = base.config.n_layers
     vis_kw: dict[str, Any] = {}
     if encoder is not None:
-        vis_kw = {"visual_dim": encoder.feature_dim, "image_encoder": args.image_encoder}
-    cfg = AdapterConfig(adapter_len=args.adapter_len,
-                        adapter_layers=args.adapter_layers or min(30, n_layers), gate_init=args.gate_init, **vis_kw)
+        from .multimodal import visual_config
+
+        vis_kw = visual_config(encoder, args.image_encoder, tokens=bool(args.visual_query_blocks))
+        vis_kw["visual_layers"] = args.visual_layers
+        if args.visual_query_blocks:
+            vis_kw.update(
+                visual_query_blocks=args.visual_query_blocks,
+                visual_query_dim=args.visual_query_dim,
+                visual_query_heads=args.visual_query_heads,
+            )
+    cfg = AdapterConfig(
+        adapter_len=args.adapter_len,
+        adapter_layers=args.adapter_layers or min(30, n_layers),
+        gate_init=args.gate_init,
+        bias_scale=args.bias_scale,
+        train_norms=args.train_norms,
+        **vis_kw,
+    )
     torch.manual_seed(args.seed)  # the same adapter init in every process and every run
     model = AdaptedLLaMA(base, cfg)
     if not (par.enabled and args.strategy == "fsdp"):  # FSDP moves each rank's shard to the device itself
         model = model.to(args.device)
     if args.val_data:
         train_ex = examples
-        val_ex = load_image_examples(args.val_data) if encoder is not None else load_examples(args.val_data)
+        val_ex = load_data(args.val_data, images=encoder is not None)
     else:
         train_ex, val_ex = split_holdout(examples, args.val_fraction, seed=args.seed)
     val_ex = val_ex[: args.max_val_examples]
     make_ctx = None
     tv = vv = None
     if encoder is not None:
-        from .multimodal import example_features, visual_make_ctx
+        from .multimodal import example_visuals, visual_make_ctx
 
         cache = args.feature_cache or str(out / "feature_cache")
-        tv = example_features(train_ex, encoder, cache)
-        vv = example_features(val_ex, encoder, cache) if val_ex else None
+        tokens = bool(args.visual_query_blocks)
+        tv = example_visuals(train_ex, encoder, cache, tokens=tokens)
+        vv = example_visuals(val_ex, encoder, cache, tokens=tokens) if val_ex else None
         make_ctx = visual_make_ctx(model)
     train_ds = InstructionDataset(train_ex, tok, template, args.max_len, visual=tv)
     val_ds = InstructionDataset(val_ex, tok, template, args.max_len, visual=vv) if val_ex else []
     log.info("trainable parameters: %d", count_trainable(model))
-    metadata = {"train": {**asdict(args), "template": template, "n_train": len(train_ds), "n_val": len(val_ds)},
-                "tokenizer": base.config.extra.get("tokenizer"), "template": template}
+    metadata = {
+        "train": {**asdict(args), "template": template, "n_train": len(train_ds), "n_val": len(val_ds)},
+        "tokenizer": base.config.extra.get("tokenizer"),
+        "template": template,
+    }
     if encoder is not None:
         metadata["image_encoder_weights"] = args.image_encoder_weights
     out.mkdir(parents=True, exist_ok=True)
-    res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, out=out, metadata=metadata, parallel=par,
-              make_ctx=make_ctx)
+    res = fit(
+        model, train_ds, val_ds, args, pad_id=tok.pad_id, out=out, metadata=metadata, parallel=par, make_ctx=make_ctx
+    )
     if res.stopped != "nan" and par.is_main:
         save_adapter(model, out, metadata=metadata)
     return res
