@@ -202,6 +202,22 @@ def test_batched_scores_match_brute_force(tok):
             assert scores == pytest.approx(want, abs=1e-4)
 
 
+def test_single_token_options_share_a_row_beside_longer_ones(tok):
+    """Eight colours of which one is two tokens: two rows (not eight), the same scores."""
+    model = tiny_model()
+    p = tok.encode("Question: what colour?\nAnswer: The answer is", bos=True)
+    q = [(p, [t]) for t in (5, 17, 300, 41, 42, 43, 44)] + [(p, [17, 9])]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        got = score_batch(model, [q, [(p, [5]), (p, [6])]], tok.pad_id)
+    hook.remove()
+    assert seen == [3]  # 2 rows for the first question, 1 for the second
+    with torch.no_grad():
+        want = [reference_logprob(model, list(pp), list(o)) for pp, o in q]
+    assert got[0] == pytest.approx(want, abs=1e-4)
+
+
 def test_loglik_picks_the_forced_answer(tok):
     text = mc_prompt(item())
     target = split_continuation(tok, text, " B")[1]

@@ -409,10 +409,12 @@ def score_batch(
     (prompt ids, option ids) pairs (the prompt may differ per option where tokenization merges
     across the boundary, see `split_continuation`).
 
-    A question whose options are single tokens after one shared prompt becomes one row (the logits
-    at its last position score every option); otherwise each option gets a row (prompt + option).
-    Rows are right-padded; causal attention keeps padding out of every scored position. `make_ctx`
-    gets the question index of each row and returns the model's ctx (e.g. per-row image prompts).
+    Options that are one token after the same prompt share one row holding just that prompt (the
+    logits at its last position score them all); every other option gets a row (prompt + option).
+    So yes/no or letter questions cost one row, and eight colours of which one ("teal") is two
+    tokens cost two rows, not eight. Rows are right-padded; causal attention keeps padding out of
+    every scored position. `make_ctx` gets the question index of each row and returns the
+    model's ctx (e.g. per-row image prompts).
     """
     rows: list[list[int]] = []
     row_q: list[int] = []
@@ -422,16 +424,17 @@ def score_batch(
             raise ValueError("an option encodes to zero tokens; give every choice some text")
         if any(len(p) == 0 for p, _ in pairs):
             raise ValueError("an empty prompt cannot be scored; the tokenizer adds no BOS, so give the question text")
-        p0 = list(pairs[0][0])
-        if all(len(o) == 1 and list(p) == p0 for p, o in pairs):
-            rows.append(p0)
-            row_q.append(q)
-            spans.append([(len(rows) - 1, len(p0) - 1, list(o)) for _, o in pairs])
-            continue
+        shared: dict[tuple[int, ...], int] = {}  # prompt -> its row, for single-token options
         sp = []
         for p, o in pairs:
-            rows.append(list(p) + list(o))
+            key = tuple(p)
+            if len(o) == 1 and key in shared:
+                sp.append((shared[key], len(p) - 1, list(o)))
+                continue
+            rows.append(list(p) + list(o) if len(o) > 1 else list(p))
             row_q.append(q)
+            if len(o) == 1:
+                shared[key] = len(rows) - 1
             sp.append((len(rows) - 1, len(p) - 1, list(o)))
         spans.append(sp)
     T = max(len(r) for r in rows)
@@ -594,16 +597,15 @@ def _image_ctx(model: Any, items: Sequence[MCItem], weights: str | None = None) 
         return None
     from .multimodal import image_features_for
 
-    paths = [it.image for it in items if it.image]
-    feats = image_features_for(model, paths, weights=weights) if paths else None
-    dim = cfg.visual_dim
-    rows = torch.zeros(len(items), dim)
+    # Each distinct image once: VQA sets ask several questions about the same picture.
+    unique = list(dict.fromkeys(it.image for it in items if it.image))
+    feats = image_features_for(model, unique, weights=weights).cpu() if unique else None
+    where = {path: k for k, path in enumerate(unique)}
+    rows = torch.zeros(len(items), cfg.visual_dim)
     has = torch.zeros(len(items), dtype=torch.bool)
-    k = 0
     for i, it in enumerate(items):
         if it.image:
-            rows[i], has[i] = feats[k], True
-            k += 1
+            rows[i], has[i] = feats[where[it.image]], True
     dev = next(model.parameters()).device
 
     def make(row_q: list[int]) -> Any:
