@@ -266,9 +266,12 @@ def final_val(out: Path) -> tuple[float, float]:
     return vals[0], vals[-1]
 
 
-def test_cli_finetune_v2_bias_scale_norms_roundtrip(tmp_path, capsys):
+def test_cli_finetune_v2_bias_scale_norms_roundtrip(tmp_path, capsys, monkeypatch):
     from llama_adapter.v2 import AdapterRMSNorm, ScaledLinear
 
+    trained = []
+    real_save = train_mod.save_adapter
+    monkeypatch.setattr(train_mod, "save_adapter", lambda m, *a, **k: trained.append(m) or real_save(m, *a, **k))
     data = small_dataset(tmp_path)
     out = tmp_path / "v2"
     argv = ["finetune", "--model", str(STORIES), "--data", str(data), "--val-data", str(data), "--out", str(out)]
@@ -282,6 +285,9 @@ def test_cli_finetune_v2_bias_scale_norms_roundtrip(tmp_path, capsys):
     wq = model.model.layers[0].attention.wq
     assert isinstance(wq, ScaledLinear) and wq.adapter_bias.abs().sum() > 0  # layer 0 trained, not only the top 3
     assert isinstance(model.model.norm, AdapterRMSNorm)
+    idx = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    with torch.no_grad():  # the model rebuilt from disk computes exactly what the trained one did
+        assert torch.equal(model(idx), trained[-1](idx))
     first, last = final_val(out)
     assert last < first
     # the adapter rebuilt from adapter_config.json + safetensors computes the run's own last held-out loss
