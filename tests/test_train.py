@@ -368,3 +368,14 @@ def test_joint_text_and_image_training_with_early_fusion(tmp_path):
         plain = model.prompt_state()
     same = [torch.equal(st.get(i).prompt.expand(2, -1, -1), plain.get(i).prompt.expand(2, -1, -1)) for i in st.layers]
     assert same == [False, False, True, True, True]  # early fusion: images reach the first 2 adapted layers only
+
+
+def test_schedule_steps_anneals_a_short_run(tmp_path):
+    data = small_dataset(tmp_path)
+    kw = dict(max_steps=5, warmup_steps=1, val_fraction=0.0, save_every=100)
+    finetune(args_for(tmp_path / "a", data, **kw))
+    finetune(args_for(tmp_path / "b", data, schedule_steps=5, **kw))
+    lrs = {k: [float(r["lr"]) for r in read_metrics(tmp_path / k / "run") if r["loss"]] for k in "ab"}
+    assert lrs["a"][-1] > 0.9 * 2e-2  # the schedule spans 4 epochs: still near the peak at step 5
+    assert lrs["b"] == pytest.approx([cosine_lr(s, 5, 1, 2e-2, 0.0) for s in range(5)])
+    assert lrs["b"][-1] < 0.2 * 2e-2

@@ -55,6 +55,7 @@ class TrainArgs:
     gate_init: float = 0.0
     epochs: float = 5.0
     max_steps: int | None = None  # stop early (the schedule still spans `epochs` unless schedule_steps)
+    schedule_steps: int | None = None  # warm-up + cosine span in optimizer steps (None: `epochs` worth)
     batch_size: int = 4  # per device, per micro-step
     grad_accum: int = 1
     global_batch: int | None = None  # fixes batch_size x grad_accum x processes; grad_accum is derived from it
@@ -283,7 +284,8 @@ def fit(
         )
     lengths = [len(it.input_ids) for it in train_items]
     steps_per_epoch = max(1, len(train_items) // global_batch)
-    total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
+    # A short run (max_steps) can still anneal fully: schedule_steps sets the schedule's length.
+    total_steps = args.schedule_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, total_steps)
     lr = args.lr if args.lr is not None else args.blr * global_batch / 256
