@@ -235,7 +235,12 @@ class LLaMA(nn.Module):
         device = idx.device
         slots = torch.arange(start, end, device=device)
         mask = None
-        if pad is not None or (cache is not None and T > 1) or start > 0:
+        if T == 1:
+            # Decoding: the one query sees every cached key; only left padding needs masking.
+            if pad is not None:
+                keys = torch.arange(start if cache is None else 0, end, device=device)
+                mask = (keys[None, :] >= pad[:, None])[:, None, None]  # [B, 1, 1, S]
+        elif pad is not None or cache is not None or start > 0:
             keys = torch.arange(end, device=device)
             allowed = keys[None, :] <= slots[:, None]  # [T, S] causal
             if pad is not None:
