@@ -90,7 +90,11 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--bind-blocks", type=int, default=2)
     ap.add_argument("--bind-hidden", type=int, default=0, help="bind SwiGLU width (0: the model width)")
+    # Chosen on an 800/100 split of the *training* pairs (not the held-out 100): every setting fits
+    # the training pairs perfectly; a narrow, heavily dropped-out MLP generalised a little better.
     ap.add_argument("--proj-steps", type=int, default=400, help="audio->image InfoNCE steps")
+    ap.add_argument("--proj-hidden", type=int, default=128)
+    ap.add_argument("--proj-dropout", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default="examples/results/imagebind_audio.md")
@@ -126,7 +130,9 @@ def main() -> int:
     t = time.time()
     space = EmbeddingSpace.fit(img_train)
     z_train, z_val = space(img_train), space(img_val)
-    proj, losses = train_bind_projection(aud_train, z_train, steps=a.proj_steps)
+    proj, losses = train_bind_projection(
+        aud_train, z_train, steps=a.proj_steps, hidden=a.proj_hidden, dropout=a.proj_dropout
+    )
     with torch.no_grad():
         a2i_train, a2i_val = proj(aud_train), proj(aud_val)
     r_val = recall_at_k(a2i_val, z_val)
@@ -213,10 +219,12 @@ def main() -> int:
         "",
         "## 1. Binding audio to the image space",
         "",
-        f"A 2-layer MLP (512 -> 512 -> {z_train.shape[1]}) on the frozen audio embedding, trained with symmetric "
-        f"InfoNCE (in-batch negatives, batch 256, learnable temperature, {a.proj_steps} steps, AdamW 1e-3) on the "
-        f"900 training (audio, image) pairs with the image side frozen, as ImageBind does. InfoNCE "
-        f"{losses[0]:.3f} -> {losses[-1]:.3f}.",
+        f"A 2-layer MLP (512 -> {a.proj_hidden} -> {z_train.shape[1]}, dropout {a.proj_dropout}) on the frozen "
+        f"audio embedding, trained with symmetric InfoNCE (in-batch negatives, batch 256, learnable temperature, "
+        f"{a.proj_steps} steps, AdamW 1e-3) on the 900 training (audio, image) pairs with the image side frozen, "
+        f"as ImageBind does. InfoNCE {losses[0]:.3f} -> {losses[-1]:.3f}. Width, dropout and steps were picked on an "
+        "800/100 split of the training pairs (held-out recall@5 0.07-0.16 across the settings tried, training "
+        "recall@5 1.00 for all), never on the 100 held-out items below.",
         "",
         "| retrieval: audio -> its photo | recall@1 | recall@5 |",
         "|---|---|---|",
