@@ -254,17 +254,18 @@ def plot_scaling(cells: list) -> Path | None:
     except ImportError:
         log("matplotlib missing: no plot")
         return None
+    # One x axis for both series: tokens per step (batch x seq), so batch and length growth compare directly.
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax, unit in (("s_step", axes[0], "s/step"), ("train_peak_mb", axes[1], "train peak MB")):
-        for batch_fixed, label in ((True, "batch 1, seq"), (False, "seq 256, batch")):
-            pts = [(s if batch_fixed else b, p, c) for b, s, p, c in cells if (b == 1 if batch_fixed else s == 256)]
+        for series, label in (("seq", "batch 1, seq 128..2048"), ("batch", "seq 256, batch 1..8")):
+            pts = sorted((b * s, p, c) for b, s, p, c in cells if (b == 1 if series == "seq" else s == 256))
             if len(pts) < 2:
                 continue
             xs = [x for x, _, _ in pts]
-            ax.plot(xs, [p[key] or 0 for _, p, _ in pts], "o-", label=f"{label}")
+            ax.plot(xs, [p[key] or 0 for _, p, _ in pts], "o-", label=label)
             ax.plot(xs, [c[key] or 0 for _, _, c in pts], "x--", label=f"{label}, checkpointed")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length or batch size")
+        ax.set_xlabel("tokens per step (batch x seq)")
         ax.set_ylabel(unit)
         ax.legend(fontsize=8)
     fig.suptitle(f"{MODEL}: adapter training (K=10, L=30), fp32 CPU")
