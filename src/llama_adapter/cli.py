@@ -376,6 +376,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
     prompts, images, from_file = _generate_rows(args)
+    for i, im in enumerate(images):  # before loading anything, and before any batch is printed
+        if im is not None and not Path(im).is_file():
+            raise ValueError(f"image {im} (row {i}) not found; check the path")
     model, tok, template, meta = _load(args)
     imgs = _Images(model, args, meta)
     texts = [_render(p, template) for p in prompts]
