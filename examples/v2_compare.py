@@ -2,7 +2,7 @@
 
     python examples/v2_compare.py --out runs/v2_compare          # ~10 min on 2 busy CPU cores
 
-SmolLM2-135M-Instruct, one seed, a CPU-sized budget (default 16 steps of batch 4, max_len 128, one
+SmolLM2-135M-Instruct, one seed, a CPU-sized budget (default 20 steps of batch 4, max_len 128, one
 thread; each step is a forward + backward through all 30 layers, 6-12 s on a shared core):
 
 1. V1: adaption prompts + zero-init gates on Alpaca (`alpaca_en_demo.json`, a fixed held-out split).
@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("--flickr", default=str(ROOT.parent / "shared/data/flickr8k_1k"))
     ap.add_argument("--out", default="runs/v2_compare")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-3)
