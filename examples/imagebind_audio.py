@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, count_trainable, save_adapter
+from llama_adapter.adapter import (
+    AdaptedLLaMA,
+    AdapterConfig,
+    count_trainable,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from llama_adapter.audio import (
     EMBED_DIM,
     EmbeddingSpace,
@@ -97,6 +104,7 @@ def main() -> int:
     ap.add_argument("--proj-dropout", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adapter", help="skip training: caption with an adapter an earlier run saved (OUT/adapter)")
     ap.add_argument("--results", default="examples/results/imagebind_audio.md")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)  # shared 2-core machine: one intra-op thread each
@@ -153,29 +161,43 @@ def main() -> int:
     n_layers = base.config.n_layers
     cfg = AdapterConfig(adapter_len=10, adapter_layers=n_layers, bind_dim=z_train.shape[1], bind_blocks=a.bind_blocks,
                         bind_hidden=a.bind_hidden or base.config.dim)  # fmt: skip
-    model = AdaptedLLaMA(base, cfg)
     n_train = min(a.n_train_images, len(train_imgs))
-    examples = [{"messages": chat(first_caption[p])} for p in train_imgs[:n_train]]
-    # InstructionDataset carries one embedding per example in `visual` (collate stacks it); the
-    # make_ctx below hands it to the bind network instead of the visual projection.
-    train_ds = InstructionDataset(examples, tok, template, a.max_len, visual=(z_train[:n_train], torch.ones(n_train)))
-    val_ex = [{"messages": chat(ex["output"])} for ex in val[:40]]
-    val_ds = InstructionDataset(val_ex, tok, template, a.max_len, visual=(z_val[:40], torch.ones(len(val_ex))))
-    args = TrainArgs(model=a.model, out=str(out / "adapter"), epochs=1, batch_size=a.batch_size, max_len=a.max_len,
-                     lr=a.lr, warmup_steps=10, eval_every=10_000, save_every=10_000, weight_decay=0.02)  # fmt: skip
+    if a.adapter:  # captioning only, with an adapter this script trained before (its stats are in its config)
+        model = load_adapter(base, a.adapter).eval()
+        meta = read_adapter_config(a.adapter)
+        if meta["adapter"]["bind_dim"] != z_train.shape[1]:
+            raise ValueError(f"{a.adapter} has bind_dim {meta['adapter']['bind_dim']}, not {z_train.shape[1]}")
+        steps, (v0, v1), n_train = meta["steps"], meta["val_loss"], meta["n_train_images"]
+        times[f"caption adapter: loaded from {a.adapter} (trained in {meta['train_seconds'] / 60:.1f} min)"] = 0.0
+    else:
+        model = AdaptedLLaMA(base, cfg)
+        examples = [{"messages": chat(first_caption[p])} for p in train_imgs[:n_train]]
+        # InstructionDataset carries one embedding per example in `visual` (collate stacks it); the
+        # make_ctx below hands it to the bind network instead of the visual projection.
+        z_tr = z_train[:n_train]
+        train_ds = InstructionDataset(examples, tok, template, a.max_len, visual=(z_tr, torch.ones(n_train)))
+        val_ex = [{"messages": chat(ex["output"])} for ex in val[:40]]
+        val_ds = InstructionDataset(val_ex, tok, template, a.max_len, visual=(z_val[:40], torch.ones(len(val_ex))))
+        args = TrainArgs(model=a.model, out=str(out / "adapter"), epochs=1, batch_size=a.batch_size,
+                         max_len=a.max_len, lr=a.lr, warmup_steps=10, eval_every=10_000, save_every=10_000,
+                         weight_decay=0.02)  # fmt: skip
 
-    def make_ctx(batch: dict[str, torch.Tensor]):
-        return model.prompt_state(bind=batch["visual"])
+        def make_ctx(batch: dict[str, torch.Tensor]):
+            return model.prompt_state(bind=batch["visual"])
 
-    res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, make_ctx=make_ctx)
-    model.eval()
-    save_adapter(model, out / "adapter", metadata={"example": "imagebind_audio", "n_train_images": n_train})
+        res = fit(model, train_ds, val_ds, args, pad_id=tok.pad_id, make_ctx=make_ctx)
+        model.eval()
+        steps = res.steps
+        v0 = res.val_losses[0][1] if res.val_losses else float("nan")
+        v1 = res.val_losses[-1][1] if res.val_losses else float("nan")
+        dt = time.time() - t
+        meta = {"example": "imagebind_audio", "n_train_images": n_train, "steps": steps, "val_loss": [v0, v1],
+                "train_seconds": dt, "batch_size": a.batch_size, "max_len": a.max_len, "lr": a.lr}  # fmt: skip
+        save_adapter(model, out / "adapter", metadata=meta)
+        times[f"caption adapter training ({steps} steps)"] = dt
     gates = torch.tanh(torch.stack([blk.adapter_bind_gate for blk in base.layers])).detach()
-    times[f"caption adapter training ({res.steps} steps)"] = time.time() - t
-    v0 = res.val_losses[0][1] if res.val_losses else float("nan")
-    v1 = res.val_losses[-1][1] if res.val_losses else float("nan")
     print(
-        f"trained {res.steps} steps; held-out loss {v0:.3f} -> {v1:.3f}; |tanh(bind gate)| mean "
+        f"trained {steps} steps; held-out loss {v0:.3f} -> {v1:.3f}; |tanh(bind gate)| mean "
         f"{gates.abs().mean():.3f} max {gates.abs().max():.3f}",
         flush=True,
     )
@@ -248,7 +270,7 @@ def main() -> int:
         f"{base.config.dim}, {a.bind_blocks} RMSNorm+SwiGLU blocks of width {cfg.bind_hidden}) with zero-init "
         f"gated injection in all {n_layers} layers; {count_trainable(model):,} trainable parameters. "
         f"{n_train} photos x 1 caption, 1 epoch, batch {a.batch_size}, max_len {a.max_len}, lr {a.lr}, "
-        f"{res.steps} steps. Held-out loss (40 items, image input) {v0:.3f} -> {v1:.3f}. "
+        f"{steps} steps. Held-out loss (40 items, image input) {v0:.3f} -> {v1:.3f}. "
         f"After training |tanh(bind gate)| is {gates.abs().mean():.3f} on average (max {gates.abs().max():.3f}).",
         "",
         f"Captions of the {n_val} held-out items, greedy, {a.max_new_tokens} new tokens max, BLEU-4 and CIDEr-D "
