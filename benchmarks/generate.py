@@ -176,6 +176,26 @@ def time_hf_batched(hf, ids: list[int], batch: int, n: int) -> float:
     return batch * (n - 1) / max(tn - t1, 1e-9)
 
 
+def matmul_floor(model: LLaMA, repeats: int = 5) -> float:
+    """Seconds for one batch-1 pass of torch's matmul over every weight a decode step reads: the
+    floor of any implementation built on torch's CPU kernels (no attention, norms or overhead)."""
+    ws, seen = [], set()
+    for name, p in model.named_parameters():
+        untied_embedding = name == "tok_embeddings.weight" and not model.config.tie_embeddings
+        if p.ndim == 2 and p.data_ptr() not in seen and not untied_embedding:  # a step reads B rows of it
+            seen.add(p.data_ptr())
+            ws.append(p.detach())
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in ws]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            for x, w in zip(xs, ws):
+                torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
 def adapted(model: LLaMA, seed: int = 0):
     """Ours with a K=10, L=30 adaption prompt whose gates are open (one value per layer, so the PEFT
     export is exact), and the same adapter loaded into transformers + PEFT."""
@@ -216,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--no-adapter", action="store_true", help="skip the adapter (PEFT) rows")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is reported")
+    ap.add_argument("--floor-only", action="store_true", help="only time the matmul floor per dtype")
     ap.add_argument("--write", action="store_true", help="replace the decoding section of benchmarks/results.md")
     args = ap.parse_args(argv)
 
@@ -226,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     bw = copy_bandwidth()
     n = args.new_tokens
     batches = [int(b) for b in args.batch.split(",")]
-    rows, checks = [], []
+    rows, checks, floors = [], [], []
     ids: list[int] = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -235,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         if not ids:
             ids = prompt_ids(base, load_tokenizer)
         bound1 = bw / weight_bytes_per_token(base)
+        floors.append(f"{dtype_name} {1 / matmul_floor(base):.1f} tok/s")
+        if args.floor_only:
+            continue
         kinds = ["base"] + ([] if args.no_adapter else ["adapter"])
         for kind in kinds:
             if kind == "base":
@@ -285,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         t = f"{theirs:.2f}" if theirs else "-"
         r = f"{ours / theirs:.2f}x" if theirs else "-"
         out.append(f"| {label} | {batch} | {ours:.2f} | {t} | {r} | {bound:.1f} | {100 * ours / bound:.0f}% |")
+    out.append(
+        "\nMatmul floor (torch's `F.linear` over every weight once at batch 1, nothing else; no implementation "
+        "on torch's CPU kernels decodes faster): " + ", ".join(floors) + "."
+    )
     if checks:
         out.append("\nCorrectness: " + "; ".join(checks) + ".")
     text = "\n".join(out) + "\n"
