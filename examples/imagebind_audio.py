@@ -230,6 +230,14 @@ def main() -> int:
         samples[name] = caps
         print(f"{name}: BLEU-4 {s['bleu4']:.4f} CIDEr-D {s['cider']:.4f} distinct {len(set(caps))} ({dt:.0f}s)",
               flush=True)  # fmt: skip
+    # Is a condition's score about *its* item? Pair its captions with every other item's references
+    # (all n-1 cyclic shifts): the spread of those scores is what captions that ignore the item get.
+    shifted = {}
+    for name in ("image embedding", "audio -> image space (no image)", "audio -> image space + cache model (no image)"):
+        caps = samples[name]
+        real = caption_scores(caps, refs)["cider"]
+        sc = torch.tensor([caption_scores(caps[k:] + caps[:k], refs)["cider"] for k in range(1, n_val)])
+        shifted[name] = (real, float(sc.mean()), float(sc.std()), float(sc.max()), int((sc >= real).sum()))
     (out / "captions.json").write_text(json.dumps({"images": val_imgs, "references": refs, **samples}, indent=1))
     total = time.time() - t_all
 
@@ -279,6 +287,16 @@ def main() -> int:
         "| input to the bind network | BLEU-4 | CIDEr-D | distinct captions |",
         "|---|---|---|---|",
         *[f"| {n} | {b:.4f} | {c:.4f} | {d} |" for n, b, c, d in rows],
+        "",
+        f"Each decoded condition's captions re-paired with the wrong items (all {n_val - 1} cyclic shifts of the "
+        "caption list against the references): how much of its CIDEr-D depends on the caption belonging to *its* item.",
+        "",
+        "| captions from | CIDEr-D, right items | wrong items: mean +- sd | wrong items: max | shifts >= right |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {k} | {r:.4f} | {m:.4f} +- {sd:.4f} | {mx:.4f} | {ge}/{n_val - 1} |"
+            for k, (r, m, sd, mx, ge) in shifted.items()
+        ],
         "",
         "Samples (first 3 held-out items):",
         "",
