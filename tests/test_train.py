@@ -348,7 +348,7 @@ def test_joint_text_and_image_training_with_early_fusion(tmp_path):
     out, cache = tmp_path / "joint", tmp_path / "cache"
     both = f"{text},{imgs}"
     joint = dict(image_encoder="efficientnet-lite0", feature_cache=str(cache), visual_layers=2, bias_scale=True)
-    res = finetune(args_for(tmp_path, both, out=str(out), val_data=both, epochs=3, eval_every=100, **joint))
+    res = finetune(args_for(tmp_path, both, out=str(out), val_data=both, epochs=2, eval_every=100, **joint))
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["train"]["n_train"] == 24 + 16 and meta["adapter"]["visual_layers"] == 2
     assert res.val_losses[-1][1] < res.val_losses[0][1] - 0.1, res.val_losses
