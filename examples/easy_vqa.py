@@ -3,7 +3,7 @@
     python examples/easy_vqa.py --out runs/easy_vqa
 
 1. Converts the `easy-vqa==1.0` pip package with `multimodal.easyvqa_to_jsonl`.
-2. Trains a multimodal adapter on a random subset of the train questions (default 320, 1 epoch,
+2. Trains a multimodal adapter on a random subset of the train questions (default 640, 1 epoch,
    top 10 of 30 layers adapted), written in the same multiple-choice prompt that
    `llama-adapter evaluate --task mc` scores (the paper's ScienceQA format, `evaluate.mc_body`,
    template `plain`), the answer as text:
@@ -59,7 +59,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/easy_vqa")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--n-train", type=int, default=320, help="train questions (random subset)")
+    ap.add_argument("--n-train", type=int, default=640, help="train questions (random subset)")
     ap.add_argument("--n-val", type=int, default=32, help="held-out train questions for the loss curve")
     ap.add_argument("--n-test", type=int, default=200, help="first N test questions")
     ap.add_argument("--adapter-layers", type=int, default=10, help="top layers adapted (fewer: less backward work)")
