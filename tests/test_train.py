@@ -379,3 +379,19 @@ def test_schedule_steps_anneals_a_short_run(tmp_path):
     assert lrs["a"][-1] > 0.9 * 2e-2  # the schedule spans 4 epochs: still near the peak at step 5
     assert lrs["b"] == pytest.approx([cosine_lr(s, 5, 1, 2e-2, 0.0) for s in range(5)])
     assert lrs["b"][-1] < 0.2 * 2e-2
+
+
+def test_finetune_help_takes_each_option_from_its_trainargs_comment(capsys):
+    import inspect
+
+    from llama_adapter.cli import _field_comments, main
+
+    comments = _field_comments(TrainArgs)
+    lines = [line.strip() for line in inspect.getsource(TrainArgs).splitlines()]
+    commented = [line for line in lines if ": " in line and "  # " in line and not line.startswith("#")]
+    assert len(comments) == len(commented) > 20
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("bias_scale", "visual_layers", "data", "image_encoder"):
+        assert " ".join(comments[name].split()) in text, name

@@ -117,17 +117,20 @@ def _parser() -> argparse.ArgumentParser:
     f = cmd("finetune", "Train an adapter on instruction data (Alpaca JSON/JSONL or chat JSONL).")
     from .train import TrainArgs
 
+    helps = _field_comments(TrainArgs)
     for fld in fields(TrainArgs):
         if fld.name in ("extra",):
             continue
         flag = "--" + fld.name.replace("_", "-")
+        doc = helps.get(fld.name, "")
         if fld.type == "bool":
-            f.add_argument(flag, action="store_true", help=f"(default: {fld.default})")
+            f.add_argument(flag, action="store_true", help=f"{doc} (default: {fld.default})".strip())
             continue
         typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
         f.add_argument(
-            flag, type=typ, default=fld.default, required=fld.name == "data", help=f"(default: {fld.default})"
-        )
+            flag, type=typ, default=fld.default, required=fld.name == "data",
+            help=f"{doc} (default: {fld.default})".strip(),
+        )  # fmt: skip
     cv = cmd("convert", "Convert adapters (ours / PEFT / official LLaMA-Adapter) or base checkpoints (to HF).")
     cvs = cv.add_subparsers(dest="what", metavar="WHAT", required=True)
     ca = cvs.add_parser("adapter", help="SRC adapter (dir or .pth) -> DST in another format")
@@ -159,6 +162,22 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_arguments(cmd("serve", "OpenAI-compatible HTTP API (streaming, several adapters, images) + web chat."))
     _evaluate_args(cmd("evaluate", "Held-out loss/perplexity or multiple-choice accuracy (JSON report + table)."))
     return p
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """A dataclass field's trailing `# comment` in its source, so `finetune --help` and TrainArgs
+    document each option in one place. Empty when the source is not available."""
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for m in re.finditer(r"^\s+(\w+): [^\n=]+= [^\n#]*#\s*(.+)$", src, re.MULTILINE):
+        out[m.group(1)] = m.group(2).strip().replace("%", "%%")
+    return out
 
 
 def _evaluate_args(e: argparse.ArgumentParser) -> None:

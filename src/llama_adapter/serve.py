@@ -534,7 +534,9 @@ def load_engine(
         loaded[name] = ad
         templates[name] = meta.get("template") or ("alpaca" if template == "plain" else template)
         if ad.adapter_visual is not None:
-            encoders[name] = _image_encoder_for(ad)
+            from .generate import encoder_weights  # the local encoder checkpoint finetune recorded, if any
+
+            encoders[name] = _image_encoder_for(ad, encoder_weights(path, meta))
     name = Path(model).stem if os.sep in model or model.endswith((".bin", ".gguf")) else model
     return Engine(
         base, tok, name=name, adapters=loaded, template=template, adapter_templates=templates,
@@ -542,10 +544,10 @@ def load_engine(
     )  # fmt: skip
 
 
-def _image_encoder_for(adapter: AdaptedLLaMA) -> Callable[[list[Any]], torch.Tensor]:
+def _image_encoder_for(adapter: AdaptedLLaMA, weights: str | None = None) -> Callable[[list[Any]], torch.Tensor]:
     from . import multimodal
 
-    return lambda images: multimodal.image_features_for(adapter, images)
+    return lambda images: multimodal.image_features_for(adapter, images, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ log = logging.getLogger("llama_adapter.train")
 class TrainArgs:
     model: str = "smollm2-135m-instruct"
     data: str = ""  # one file, or several comma-separated (joint training: Alpaca JSON + image JSONL)
-    out: str = "runs/adapter"
+    out: str = "runs/adapter"  # run folder: adapter, step checkpoints, metrics.csv, loss.png
     template: str | None = None  # None: the tokenizer's own chat template, else "alpaca" / "chatml"
-    adapter_len: int = 10
+    adapter_len: int = 10  # K: prompt vectors per adapted layer
     adapter_layers: int | None = None  # None: min(30, n_layers), the paper's 30-of-32 rounded to the model
     gate_init: float = 0.0
     epochs: float = 5.0
@@ -84,8 +84,8 @@ class TrainArgs:
     feature_cache: str | None = None  # folder caching encoder features by image hash (default OUT/feature_cache)
     val_data: str | None = None  # held-out data file(s), comma-separated (default: val_fraction of --data)
     # LLaMA-Adapter V2 (see v2.py): bias/scale on every block linear, trainable RMSNorm weights.
-    bias_scale: bool = False
-    train_norms: bool = False
+    bias_scale: bool = False  # V2: learnable y = scale * (W x + b) on every block linear (b=0, scale=1 at init)
+    train_norms: bool = False  # V2: train the RMSNorm weights too
     visual_layers: int = 0  # early fusion: images reach only the first N adapted layers (0 = all; needs images)
     visual_query_blocks: int = 0  # V2 visual-query blocks over patch tokens (0 = global-feature projection)
     visual_query_dim: int = 0  # width of those blocks (0 = the model width)
