@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(not (STORIES.exists() and IMAGES.is_dir()), reas
 def image_data(tmp_path: Path) -> tuple[Path, list[Path]]:
     images = sorted(IMAGES.glob("*.jpg"))[:4]
     words = ["dog", "girl", "boat", "ball"]
-    rows = [{"image": str(p), "instruction": "Describe the image.", "output": f"A {w} is in the park."}
-            for p, w in zip(images, words)] * 4
+    rows = [
+        {"image": str(p), "instruction": "Describe the image.", "output": f"A {w} is in the park."}
+        for p, w in zip(images, words)
+    ] * 4
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, images
@@ -33,8 +35,10 @@ def test_zero_init_equal_with_and_without_image():
     enc = load_image_encoder("efficientnet-lite0")
     base = load_model(STORIES)
     torch.manual_seed(0)
-    model = AdaptedLLaMA(base, AdapterConfig(adapter_len=4, adapter_layers=5, visual_dim=enc.feature_dim,
-                                             image_encoder="efficientnet-lite0")).eval()
+    model = AdaptedLLaMA(
+        base,
+        AdapterConfig(adapter_len=4, adapter_layers=5, visual_dim=enc.feature_dim, image_encoder="efficientnet-lite0"),
+    ).eval()
     feats, has = example_features([{"image": str(sorted(IMAGES.glob("*.jpg"))[0])}], enc)
     idx = torch.tensor([[1, 20, 30, 40, 50]])
     with torch.no_grad():
@@ -47,10 +51,24 @@ def test_zero_init_equal_with_and_without_image():
 def test_finetune_with_images_then_generate(tmp_path, capsys):
     data, images = image_data(tmp_path)
     out = tmp_path / "run"
-    args = TrainArgs(model=str(STORIES), data=str(data), out=str(out), template="alpaca", adapter_len=4,
-                     adapter_layers=5, epochs=6, batch_size=4, lr=2e-2, warmup_steps=2, max_len=200,
-                     val_data=str(data), eval_every=6, save_every=100, image_encoder="efficientnet-lite0",
-                     feature_cache=str(tmp_path / "cache"))
+    args = TrainArgs(
+        model=str(STORIES),
+        data=str(data),
+        out=str(out),
+        template="alpaca",
+        adapter_len=4,
+        adapter_layers=5,
+        epochs=6,
+        batch_size=4,
+        lr=2e-2,
+        warmup_steps=2,
+        max_len=200,
+        val_data=str(data),
+        eval_every=6,
+        save_every=100,
+        image_encoder="efficientnet-lite0",
+        feature_cache=str(tmp_path / "cache"),
+    )
     res = finetune(args)
     assert res.val_losses[-1][1] < res.val_losses[0][1] - 0.1, res.val_losses
     assert any((tmp_path / "cache").iterdir())
@@ -59,8 +77,26 @@ def test_finetune_with_images_then_generate(tmp_path, capsys):
     model = load_adapter(load_model(STORIES), out)
     assert model.adapter_config.visual_dim > 0 and model.adapter_config.image_encoder == "efficientnet-lite0"
     assert any("visual" in n for n, _ in model.named_parameters())
-    assert main(["generate", "--model", str(STORIES), "--adapter", str(out), "--image", str(images[0]),
-                 "--prompt", "Describe the image.", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(STORIES),
+                "--adapter",
+                str(out),
+                "--image",
+                str(images[0]),
+                "--prompt",
+                "Describe the image.",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
 
 
 def test_image_with_text_only_adapter_is_one_line_error(tmp_path, capsys):
@@ -68,8 +104,20 @@ def test_image_with_text_only_adapter_is_one_line_error(tmp_path, capsys):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(rows))
     out = tmp_path / "text"
-    finetune(TrainArgs(model=str(STORIES), data=str(data), out=str(out), template="alpaca", adapter_len=4,
-                       adapter_layers=5, max_steps=1, batch_size=4, val_fraction=0.0, max_len=200))
+    finetune(
+        TrainArgs(
+            model=str(STORIES),
+            data=str(data),
+            out=str(out),
+            template="alpaca",
+            adapter_len=4,
+            adapter_layers=5,
+            max_steps=1,
+            batch_size=4,
+            val_fraction=0.0,
+            max_len=200,
+        )
+    )
     img = str(sorted(IMAGES.glob("*.jpg"))[0])
     capsys.readouterr()
     rc = main(["generate", "--model", str(STORIES), "--adapter", str(out), "--image", img, "--prompt", "Hi"])

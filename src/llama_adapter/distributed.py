@@ -101,10 +101,17 @@ class Parallel:
             # init_sync=False: DDP would otherwise broadcast every parameter, the frozen base
             # included (13 GB for a 7B model); each rank loads the same base anyway. The only
             # buffers (RoPE frequencies) are constants: no per-forward buffer sync either.
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                              inspect.signature(DDP).parameters else {"broadcast_buffers": False})
-            return DDP(model, device_ids=[self.local_rank] if self.device.startswith("cuda") else None,
-                       init_sync=False, **no_buffer_sync)
+            no_buffer_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False}
+            )
+            return DDP(
+                model,
+                device_ids=[self.local_rank] if self.device.startswith("cuda") else None,
+                init_sync=False,
+                **no_buffer_sync,
+            )
         if self.strategy == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
@@ -153,24 +160,26 @@ class Parallel:
         params = [p for _, p in self._adapter]
         # One flat buffer: every gradient, then one "had a gradient" flag per parameter, so a
         # parameter that no rank used keeps grad=None exactly as in a single process.
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in params]
-                         + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+            + [torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)]
+        )
         dist.all_reduce(flat)
-        flags = flat[-len(params):]
+        flags = flat[-len(params) :]
         offset = 0
         for p, used in zip(params, flags.tolist()):
             n = p.numel()
             if used:
-                g = (flat[offset:offset + n] / self.world_size).view_as(p).to(p.dtype)
+                g = (flat[offset : offset + n] / self.world_size).view_as(p).to(p.dtype)
                 if p.grad is None:
                     p.grad = g
                 else:
                     p.grad.copy_(g)
             offset += n
 
-    def share_resume_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None
-                           ) -> dict[str, Any] | None:
+    def share_resume_state(
+        self, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
         """Rank 0 has loaded a checkpoint into its model and optimizer (or found none: `state` None);
         copy adapter, optimizer state and trainer state to every rank. Only rank 0 needs to see
         the files, so a second node needs no shared filesystem to resume."""
@@ -178,8 +187,11 @@ class Parallel:
             return state
         payload = None
         if self.is_main and state is not None:
-            payload = {"state": state, "adapter": {n: p.detach().cpu() for n, p in self._adapter},
-                       "optimizer": _to_cpu(optimizer.state_dict())}
+            payload = {
+                "state": state,
+                "adapter": {n: p.detach().cpu() for n, p in self._adapter},
+                "optimizer": _to_cpu(optimizer.state_dict()),
+            }
         payload = self.broadcast_object(payload)
         if payload is None:
             return None
@@ -222,8 +234,7 @@ def _maybe_inject_failure(rank: int, step: int) -> None:
     if want is None or int(want) != rank or step + 1 < int(os.environ.get(CRASH_STEP_ENV, "1")):
         return
     mode = os.environ.get(CRASH_MODE_ENV, "exit")
-    print(f"[rank {rank}] {CRASH_RANK_ENV}: simulated failure ({mode}) at step {step + 1}", file=sys.stderr,
-          flush=True)
+    print(f"[rank {rank}] {CRASH_RANK_ENV}: simulated failure ({mode}) at step {step + 1}", file=sys.stderr, flush=True)
     if mode == "hang":
         while True:
             time.sleep(3600)
@@ -244,8 +255,9 @@ def check_options(devices: int | None, strategy: str, device: str, timeout_s: fl
             raise ValueError(f"--devices {devices} --device cuda, but {n} GPUs are visible; use --devices {n} or less")
 
 
-def setup_distributed(devices: int | None = None, strategy: str = "ddp", device: str = "cpu",
-                      timeout_s: float = 600.0) -> Parallel:
+def setup_distributed(
+    devices: int | None = None, strategy: str = "ddp", device: str = "cpu", timeout_s: float = 600.0
+) -> Parallel:
     """Join the process group when started by torchrun (or `launch`); a no-op for one process.
 
     CUDA: one GPU per process, `cuda:LOCAL_RANK`, NCCL. CPU: gloo.
@@ -259,8 +271,9 @@ def setup_distributed(devices: int | None = None, strategy: str = "ddp", device:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if devices is not None and devices != world:
-        raise ValueError(f"--devices {devices}, but torchrun started {world} processes; "
-                         "drop --devices when launching with torchrun")
+        raise ValueError(
+            f"--devices {devices}, but torchrun started {world} processes; drop --devices when launching with torchrun"
+        )
     if world == 1:
         return Parallel(device=device, strategy=strategy, timeout_s=timeout_s)
     import torch.distributed as dist
@@ -269,8 +282,10 @@ def setup_distributed(devices: int | None = None, strategy: str = "ddp", device:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}, but CUDA is not available here; use --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank}, but only {torch.cuda.device_count()} GPUs are visible; "
-                             "start at most one process per GPU (--nproc-per-node)")
+            raise ValueError(
+                f"LOCAL_RANK={local_rank}, but only {torch.cuda.device_count()} GPUs are visible; "
+                "start at most one process per GPU (--nproc-per-node)"
+            )
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
         backend = "nccl"
@@ -282,14 +297,17 @@ def setup_distributed(devices: int | None = None, strategy: str = "ddp", device:
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     except dist.DistError as e:
-        raise DistributedError(f"rank {rank}: could not join the process group within {timeout_s:g}s "
-                               f"({_first_line(e)}); are all {world} processes running and is "
-                               f"MASTER_ADDR:MASTER_PORT reachable?") from e
+        raise DistributedError(
+            f"rank {rank}: could not join the process group within {timeout_s:g}s "
+            f"({_first_line(e)}); are all {world} processes running and is "
+            f"MASTER_ADDR:MASTER_PORT reachable?"
+        ) from e
     if rank != 0:
         logging.getLogger("llama_adapter").setLevel(logging.WARNING)
     log.info("distributed: %d processes, backend %s, strategy %s, device %s", world, backend, strategy, device)
-    return Parallel(rank=rank, world_size=world, local_rank=local_rank, device=device, strategy=strategy,
-                    timeout_s=timeout_s)
+    return Parallel(
+        rank=rank, world_size=world, local_rank=local_rank, device=device, strategy=strategy, timeout_s=timeout_s
+    )
 
 
 def teardown(parallel: Parallel) -> None:
@@ -308,11 +326,13 @@ def as_distributed_error(parallel: Parallel, e: BaseException) -> DistributedErr
         return None
     text = str(e)
     if not isinstance(e, dist.DistError) and not any(
-            s in text for s in ("Gloo", "gloo", "NCCL", "Connection", "Timed out", "timed out", "peer")):
+        s in text for s in ("Gloo", "gloo", "NCCL", "Connection", "Timed out", "timed out", "peer")
+    ):
         return None
     return DistributedError(
         f"rank {parallel.rank} of {parallel.world_size}: a collective failed ({_first_line(e)}); another rank "
-        f"crashed or did not respond within --dist-timeout-s {parallel.timeout_s:g}; see that rank's error")
+        f"crashed or did not respond within --dist-timeout-s {parallel.timeout_s:g}; see that rank's error"
+    )
 
 
 def _first_line(e: BaseException) -> str:
@@ -345,25 +365,38 @@ def launch(argv: Sequence[str], nproc: int, *, grace_s: float = 5.0, poll_s: flo
     """
     if nproc < 1:
         raise ValueError(f"--devices {nproc}: need at least 1")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+    )
     # As torchrun: do not let N processes each start one thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "llama_adapter", *argv]
     procs: list[subprocess.Popen] = []
     for r in range(nproc):
-        procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        )
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 r, code = failed[0]
-                what = (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+                what = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                 alive = [i for i, c in enumerate(codes) if c is None]
-                print(f"error: rank {r} of {nproc} {what}"
-                      + (f"; stopping ranks {', '.join(map(str, alive))}" if alive else ""), file=sys.stderr)
+                print(
+                    f"error: rank {r} of {nproc} {what}"
+                    + (f"; stopping ranks {', '.join(map(str, alive))}" if alive else ""),
+                    file=sys.stderr,
+                )
                 _stop(procs, grace_s)
                 return code if code > 0 else 1
             if all(c == 0 for c in codes):
