@@ -40,7 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from .adapter import AdaptedLLaMA, LayerPrompt, PromptState
-from .generate import Sampler, SamplingParams, StopText
+from .generate import Sampler, SamplingParams, StopText, encoder_weights
 from .model import KVCache, LLaMA
 
 log = logging.getLogger("llama_adapter.serve")
@@ -533,9 +533,7 @@ def load_engine(
         ad = load_adapter(base, path).to(dtype)
         loaded[name] = ad
         templates[name] = meta.get("template") or ("alpaca" if template == "plain" else template)
-        if ad.adapter_visual is not None:
-            from .generate import encoder_weights  # the local encoder checkpoint finetune recorded, if any
-
+        if ad.adapter_visual is not None:  # with the local encoder checkpoint finetune recorded, if any
             encoders[name] = _image_encoder_for(ad, encoder_weights(path, meta))
     name = Path(model).stem if os.sep in model or model.endswith((".bin", ".gguf")) else model
     return Engine(
