@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama
 
 from llama_adapter.adapter import (
     AdaptedLLaMA,
@@ -15,26 +16,6 @@ from llama_adapter.adapter import (
 )
 from llama_adapter.config import Config
 from llama_adapter.model import LLaMA
-
-
-def tiny(n_kv_heads=2, seed=0, n_layers=3, **kw):
-    """A random tiny LLaMA (eval mode), shared by the adapter and fast-path tests."""
-    torch.manual_seed(seed)
-    c = Config(
-        name="tiny",
-        dim=32,
-        n_layers=n_layers,
-        n_heads=4,
-        n_kv_heads=n_kv_heads,
-        vocab_size=61,
-        hidden_dim=48,
-        max_seq_len=64,
-        norm_eps=1e-5,
-        **kw,
-    )
-    m = LLaMA(c)
-    m.reset_parameters()
-    return m.eval()
 
 
 def reference_forward(base: LLaMA, prompts: torch.Tensor, gates: torch.Tensor, L: int, idx: torch.Tensor):
@@ -88,7 +69,7 @@ def reference_forward(base: LLaMA, prompts: torch.Tensor, gates: torch.Tensor, L
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_step0_is_bit_identical_to_frozen_model(n_kv_heads):
-    base = tiny(n_kv_heads)
+    base = tiny_llama(n_kv_heads)
     idx = torch.randint(0, 61, (2, 9))
     with torch.no_grad():
         ref = base(idx).clone()
@@ -99,7 +80,7 @@ def test_step0_is_bit_identical_to_frozen_model(n_kv_heads):
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_matches_independent_official_forward_with_open_gates(n_kv_heads):
-    base = tiny(n_kv_heads)
+    base = tiny_llama(n_kv_heads)
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=2))
     with torch.no_grad():
         model.adapter.gates.normal_(0, 1.0)
@@ -123,7 +104,7 @@ def test_llama7b_parameter_count_on_meta_device():
 
 
 def test_only_adapter_trainable_and_two_steps_in_a_row():
-    base = tiny()
+    base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=4, adapter_layers=2)).train()
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -147,7 +128,7 @@ def test_only_adapter_trainable_and_two_steps_in_a_row():
 
 
 def test_frozen_bottom_layers_build_no_graph():
-    base = tiny()
+    base = tiny_llama()
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=1))
     seen = {}
     for i, layer in enumerate(base.layers):
@@ -158,7 +139,7 @@ def test_frozen_bottom_layers_build_no_graph():
 
 
 def test_prompts_stay_out_of_kv_cache_and_precompute_matches():
-    base = tiny()
+    base = tiny_llama()
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=3))
     with torch.no_grad():
         model.adapter.gates.fill_(0.7)
@@ -175,7 +156,7 @@ def test_prompts_stay_out_of_kv_cache_and_precompute_matches():
 
 
 def test_precomputed_state_is_rebuilt_after_weights_change():
-    base = tiny()
+    base = tiny_llama()
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=2))
     idx = torch.randint(0, 61, (1, 6))
     with torch.no_grad():
@@ -189,40 +170,40 @@ def test_precomputed_state_is_rebuilt_after_weights_change():
 
 
 def test_gqa_prompt_kv_has_kv_heads():
-    base = tiny(n_kv_heads=2)
+    base = tiny_llama(n_kv_heads=2)
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=1))
     k, v = base.layers[-1].attention.prompt_kv(model.prompt_state().get(2).prompt)
     assert k.shape == (1, 2, 3, 8) and v.shape == (1, 2, 3, 8)
 
 
 def test_save_load_roundtrip_and_mismatch(tmp_path):
-    base = tiny()
+    base = tiny_llama()
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=2))
     with torch.no_grad():
         model.adapter.gates.normal_()
     save_adapter(model, tmp_path / "a", metadata={"train": {"steps": 3}})
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    loaded = load_adapter(tiny(), tmp_path / "a")
+    loaded = load_adapter(tiny_llama(), tmp_path / "a")
     idx = torch.randint(0, 61, (1, 6))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx))
-    other = tiny(n_kv_heads=4)
+    other = tiny_llama(n_kv_heads=4)
     other.config.n_layers = other.config.n_layers  # same shape family, different kv heads
     with pytest.raises(ValueError, match="n_kv_heads"):
         load_adapter(other, tmp_path / "a")
     with pytest.raises(ValueError, match="adapter_config.json is missing"):
-        load_adapter(tiny(), tmp_path)
+        load_adapter(tiny_llama(), tmp_path)
 
 
 def test_bad_adapter_configs():
     with pytest.raises(ValueError, match="at least one"):
-        AdaptedLLaMA(tiny(), AdapterConfig(adapter_len=0, adapter_layers=1))
+        AdaptedLLaMA(tiny_llama(), AdapterConfig(adapter_len=0, adapter_layers=1))
     with pytest.raises(ValueError, match="model has 3 layers"):
-        AdaptedLLaMA(tiny(), AdapterConfig(adapter_len=2, adapter_layers=4))
+        AdaptedLLaMA(tiny_llama(), AdapterConfig(adapter_len=2, adapter_layers=4))
 
 
 def test_visual_projection_zero_init_and_row_masking():
-    base = tiny()
+    base = tiny_llama()
     idx = torch.randint(0, 61, (2, 6))
     with torch.no_grad():
         ref = base(idx).clone()
@@ -237,6 +218,6 @@ def test_visual_projection_zero_init_and_row_masking():
         mixed = model(idx, ctx=model.prompt_state(visual=feats, has_image=torch.tensor([True, False])))
     torch.testing.assert_close(mixed[1], no_img[1], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(mixed[0], no_img[0])
-    text_only = AdaptedLLaMA(tiny(), AdapterConfig(adapter_len=3, adapter_layers=2))
+    text_only = AdaptedLLaMA(tiny_llama(), AdapterConfig(adapter_len=3, adapter_layers=2))
     with pytest.raises(ValueError, match="text-only"):
         text_only.prompt_state(visual=feats)

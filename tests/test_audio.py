@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import FLICKR
 
 from llama_adapter.audio import (
     EMBED_DIM,
@@ -14,7 +15,7 @@ from llama_adapter.audio import (
     resample,
 )
 
-AUDIO = "/work/shared/data/flickr8k_1k/audio"
+AUDIO = str(FLICKR / "audio")
 MP3 = f"{AUDIO}/1000268201_693b08cb0e.mp3"
 MP3_B = f"{AUDIO}/1001773457_577c3a7d70.mp3"
 HAS_AISFX = importlib.util.find_spec("aisfx") is not None

@@ -7,15 +7,7 @@ import torch
 
 from llama_adapter.audio import EmbeddingSpace, cache_enhance, recall_at_k, to_sphere, train_bind_projection
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: with 2 intra-op threads on a busy 2-core machine the 150-step trainings below
-    # took 40 s instead of 1 s (threads waiting on each other).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_embedding_space_on_sphere_and_centred():

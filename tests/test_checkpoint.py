@@ -18,6 +18,8 @@ from llama_adapter.checkpoint import half_to_interleaved, load_model, resolve, s
 from llama_adapter.config import Config
 from llama_adapter.model import LLaMA, rope_frequencies
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def random_model(seed: int = 0, **kw) -> LLaMA:
     cfg = dict(name="tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=64, max_seq_len=64)
@@ -36,16 +38,6 @@ def logits(model: LLaMA, ids: list[int] | torch.Tensor) -> torch.Tensor:
 
 
 IDS = [1, 5, 17, 42, 3, 88, 9]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP's spinning
-    makes every forward ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------- llama2.c

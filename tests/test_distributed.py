@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import STORIES
 from safetensors.torch import load_file
 
 from llama_adapter.cli import main
 from llama_adapter.distributed import setup_distributed
 from llama_adapter.train import TrainArgs, finetune, resolve_grad_accum
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-STORIES = SHARED / "llama2c" / "stories260K.bin"
 
 pytestmark = pytest.mark.skipif(
     not STORIES.is_file() or not dist.is_gloo_available(), reason="needs stories260K and the gloo backend"

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SHARED, STORIES, tiny_llama
 
 from llama_adapter import evaluate as ev
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
-from llama_adapter.config import Config
 from llama_adapter.data import encode_example
 from llama_adapter.evaluate import (
     EvalArgs,
@@ -26,7 +26,6 @@ from llama_adapter.evaluate import (
 from llama_adapter.model import LLaMA
 from llama_adapter.tokenizer import load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOK = SHARED / "llama2c" / "tok512.bin"
 
 
@@ -36,21 +35,7 @@ def tok():
 
 
 def tiny_model(seed: int = 0, tie: bool = True) -> LLaMA:
-    torch.manual_seed(seed)
-    cfg = Config(
-        name="tiny",
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=512,
-        hidden_dim=64,
-        max_seq_len=512,
-        tie_embeddings=tie,
-    )
-    m = LLaMA(cfg)
-    m.reset_parameters(std=0.2)
-    return m.eval()
+    return tiny_llama(seed, n_layers=2, vocab_size=512, hidden_dim=64, max_seq_len=512, tie_embeddings=tie, std=0.2)
 
 
 def forced_model(target: int) -> LLaMA:
@@ -344,7 +329,6 @@ def test_easyvqa_items():
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-STORIES = SHARED / "llama2c" / "stories260K.bin"
 
 
 def test_cli_evaluate_mc_and_loss(tmp_path, capsys):

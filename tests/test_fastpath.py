@@ -1,13 +1,13 @@
 """Every fast path against the plain one: logits and gradients to tight tolerances."""
 
 import torch
-from test_adapter import tiny
+from helpers import tiny_llama
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
 
 
 def adapted(seed=0, n_kv_heads=2, adapter_layers=2):
-    base = tiny(n_kv_heads=n_kv_heads, seed=seed, n_layers=4)
+    base = tiny_llama(n_kv_heads=n_kv_heads, seed=seed, n_layers=4)
     model = AdaptedLLaMA(base, AdapterConfig(adapter_len=3, adapter_layers=adapter_layers))
     with torch.no_grad():
         model.adapter.gates.normal_()  # open gates so the prompt branch matters

@@ -3,8 +3,7 @@ prompts, stopping, sampling controls, and (when the real checkpoints load) text 
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import helpers
 import pytest
 import torch
 
@@ -12,17 +11,10 @@ from llama_adapter.config import Config
 from llama_adapter.generate import Sampler, SamplingParams, StopText, generate, generate_text
 from llama_adapter.model import LLaMA
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = SamplingParams(max_new_tokens=12)
 PROMPTS = [[1, 5, 7, 9, 11, 13], [3, 4], [8, 8, 2, 1, 6, 7, 30, 31, 2], [42]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread start-up and synchronisation cost more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +155,9 @@ def test_compiled_decode_gives_the_same_tokens(model):
 
 
 # ------------------------------------------------------------------------ real checkpoints (when they load)
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llama2c"
-
-
 @pytest.fixture(scope="module")
 def stories():
-    ckpt = pytest.importorskip("llama_adapter.checkpoint")
-    from llama_adapter.tokenizer import load_tokenizer
-
-    try:
-        model = ckpt.load_model("stories260k")
-    except (FileNotFoundError, ValueError) as e:
-        pytest.skip(f"stories260k not available: {e}")
-    return model.eval(), load_tokenizer(model.config.extra.get("tokenizer", DATA / "tok512.bin"))
+    return helpers.stories260k()
 
 
 def test_stories260k_tells_a_story_about_lily(stories):

@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_llama
 from safetensors.torch import save_file
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterBank, AdapterConfig, load_adapter, save_adapter
 from llama_adapter.checkpoint import load_model
-from llama_adapter.config import Config
 from llama_adapter.generate import SamplingParams, generate
 from llama_adapter.interop import (
     base_config,
@@ -197,17 +197,6 @@ def test_convert_base_meta_to_hf(meta_base, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ PEFT
-def tiny_base(seed=0, n_layers=3, n_kv_heads=2):
-    torch.manual_seed(seed)
-    c = Config(name="tiny", dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=61,
-               hidden_dim=48, max_seq_len=64, norm_eps=1e-5)  # fmt: skip
-    m = LLaMA(c)
-    m.reset_parameters(std=0.1)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m.eval()
-
-
 def random_adapter(base, *, L=2, K=3, act="tanh", per_head=True, seed=1):
     g = torch.Generator().manual_seed(seed)
     ad = AdaptedLLaMA(base, AdapterConfig(adapter_len=K, adapter_layers=L, gate_activation=act))
@@ -221,7 +210,7 @@ def random_adapter(base, *, L=2, K=3, act="tanh", per_head=True, seed=1):
 
 
 def test_ours_peft_ours_round_trip(tmp_path):
-    base = tiny_base()
+    base = tiny_llama(std=0.1, frozen=True)
     ad = random_adapter(base, per_head=False)
     save_adapter(ad, tmp_path / "ours")
     idx = torch.randint(0, 61, (2, 6))
@@ -242,7 +231,7 @@ def test_ours_peft_ours_round_trip(tmp_path):
 
 
 def test_peft_export_per_head_gates_is_approximate(tmp_path):
-    base = tiny_base()
+    base = tiny_llama(std=0.1, frozen=True)
     ad = random_adapter(base, per_head=True)
     save_adapter(ad, tmp_path / "ours")
     act = torch.tanh(ad.adapter.gates.detach())
@@ -262,7 +251,7 @@ def _peft_dir(d, keys, config):
 
 
 def test_peft_bad_input_errors(tmp_path):
-    base = tiny_base()
+    base = tiny_llama(std=0.1, frozen=True)
     cfg = {"peft_type": "ADAPTION_PROMPT", "adapter_len": 3, "adapter_layers": 2, "target_modules": "attn",
            "base_model_name_or_path": "gpt2"}  # fmt: skip
     gpt2 = _peft_dir(tmp_path / "gpt2", {"base_model.model.transformer.h.11.attn.adaption_prompt": (1, 3, 32)}, cfg)
@@ -350,7 +339,7 @@ def test_peft_parity_export(hf_base, tmp_path):
 # ------------------------------------------------------------------------------------- several adapters
 @pytest.fixture
 def bank_setup(tmp_path):
-    base = tiny_base(n_layers=4)
+    base = tiny_llama(n_layers=4, std=0.1, frozen=True)
     a = random_adapter(base, L=2, K=3, act="tanh", seed=1)
     save_adapter(a, tmp_path / "a")
     b = random_adapter(base, L=3, K=3, act="identity", seed=2)  # more layers: padded with gate 0 in the bank
@@ -416,7 +405,7 @@ def test_bank_errors(bank_setup, tmp_path):
         bank.rows(["zzz"])
     with pytest.raises(ValueError, match="indices in -1..0"):
         bank.prompt_state(torch.tensor([3]))
-    other = tiny_base(n_layers=3)
+    other = tiny_llama(n_layers=3, std=0.1, frozen=True)
     v2 = AdaptedLLaMA(other, AdapterConfig(adapter_len=3, adapter_layers=2, bias_scale=True))
     save_adapter(v2, tmp_path / "v2")
     v2.detach_base()
@@ -462,7 +451,7 @@ def test_inspect_and_list(meta_base, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- merge
 def test_merge(tmp_path):
-    base = tiny_base()
+    base = tiny_llama(std=0.1, frozen=True)
     v1 = random_adapter(base)
     with pytest.raises(ValueError, match="prompt adapters cannot be merged"):
         merge_adapter(v1)

@@ -2,15 +2,13 @@ import csv
 import math
 import shutil
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
+from helpers import FLICKR
 
 from llama_adapter.metrics import bleu4, caption_scores, cider_d, corpus_bleu, tokenize
 
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k_1k" / "captions.csv"
-if not FLICKR.is_file():
-    FLICKR = Path("/work/shared/data/flickr8k_1k/captions.csv")
+CAPTIONS = FLICKR / "captions.csv"
 
 
 def test_tokenize_like_coco_ptb():
@@ -48,7 +46,7 @@ def test_cider_properties():
 
 def _flickr_case(n_images=200):
     caps = defaultdict(list)
-    with open(FLICKR, newline="") as f:
+    with open(CAPTIONS, newline="") as f:
         for r in csv.DictReader(f):
             caps[r["image"]].append(r["caption"])
     names = sorted(caps)[:n_images]
@@ -58,7 +56,7 @@ def _flickr_case(n_images=200):
     return cands, refs
 
 
-@pytest.mark.skipif(not FLICKR.is_file(), reason="shared Flickr8k captions not present")
+@pytest.mark.skipif(not CAPTIONS.is_file(), reason="shared Flickr8k captions not present")
 def test_matches_coco_caption_reference_values():
     # Values computed with pycocoevalcap 1.2 (PTBTokenizer + Bleu(4) + Cider) on this exact case.
     cands, refs = _flickr_case()
@@ -68,7 +66,7 @@ def test_matches_coco_caption_reference_values():
     assert s["cider"] == pytest.approx(0.6155376039964101, abs=1e-12)
 
 
-@pytest.mark.skipif(not FLICKR.is_file(), reason="shared Flickr8k captions not present")
+@pytest.mark.skipif(not CAPTIONS.is_file(), reason="shared Flickr8k captions not present")
 def test_against_pycocoevalcap_if_installed():
     pytest.importorskip("pycocoevalcap")
     from pycocoevalcap.bleu.bleu import Bleu

@@ -5,6 +5,8 @@ import torch
 
 from llama_adapter.checkpoint import load_model, save_hf
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128, max_position_embeddings=128,
@@ -27,14 +29,6 @@ CONFIGS = {
         ),
     ),  # fmt: skip
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add OpenMP overhead on a busy runner
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_model(name: str):

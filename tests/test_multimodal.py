@@ -4,13 +4,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FLICKR, tiny_llama
 from PIL import Image
 from safetensors.torch import save_file
 
 from llama_adapter import multimodal as mm
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
-from llama_adapter.config import Config
-from llama_adapter.model import LLaMA
 from llama_adapter.multimodal import (
     CLIP_CONFIGS,
     ClipViTEncoder,
@@ -23,7 +22,6 @@ from llama_adapter.multimodal import (
     open_image,
 )
 
-FLICKR = Path("/work/shared/data/flickr8k_1k")
 needs_flickr = pytest.mark.skipif(not (FLICKR / "captions.csv").is_file(), reason="shared Flickr8k data not present")
 DOGS = ["1001773457_577c3a7d70.jpg", "1015584366_dfcec3c85a.jpg", "101654506_8eb26cfb60.jpg"]
 CAR = "1260816604_570fc35836.jpg"
@@ -318,24 +316,6 @@ def test_jsonl_loader_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- the adapter side
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    c = Config(
-        name="tiny",
-        dim=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=61,
-        hidden_dim=48,
-        max_seq_len=64,
-        norm_eps=1e-5,
-    )
-    m = LLaMA(c)
-    m.reset_parameters()
-    return m.eval()
 
 
 def test_zero_init_image_changes_nothing_at_step_0(tiny_clip, tmp_path):

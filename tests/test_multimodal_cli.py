@@ -26,15 +26,9 @@ from llama_adapter.generate import SamplingParams, encoder_weights, generate_tex
 from llama_adapter.multimodal import CLIP_CONFIGS, ClipViTEncoder, load_image_encoder
 from llama_adapter.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GEN = ["--max-new-tokens", "10", "--temperature", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads cost more than they save
-    yield
-    torch.set_num_threads(n)
 
 
 def photo(path: Path, seed: int) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED, STORIES
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, load_adapter
 from llama_adapter.checkpoint import load_model
@@ -12,8 +13,6 @@ from llama_adapter.cli import main
 from llama_adapter.multimodal import example_features, load_image_encoder
 from llama_adapter.train import TrainArgs, finetune
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-STORIES = SHARED / "llama2c" / "stories260K.bin"
 IMAGES = SHARED / "flickr8k_1k" / "images"
 
 pytestmark = pytest.mark.skipif(not (STORIES.exists() and IMAGES.is_dir()), reason="shared data missing")

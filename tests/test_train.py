@@ -3,15 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED, STORIES
 
 from llama_adapter import train as train_mod
 from llama_adapter.adapter import load_adapter
 from llama_adapter.checkpoint import load_model
 from llama_adapter.cli import main
 from llama_adapter.train import TrainArgs, cosine_lr, finetune, read_metrics
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-STORIES = SHARED / "llama2c" / "stories260K.bin"
 
 
 def small_dataset(tmp_path: Path, n: int = 24) -> Path:

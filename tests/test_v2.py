@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_adapter import tiny
+from helpers import tiny_llama
 
 from llama_adapter.adapter import (
     AdaptedLLaMA,
@@ -43,7 +43,7 @@ def perturb(model: AdaptedLLaMA, seed=3):
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 @pytest.mark.parametrize("opts", [dict(bias_scale=True), dict(train_norms=True), V2])
 def test_v2_step0_bit_identical(n_kv_heads, opts):
-    base = tiny(n_kv_heads)
+    base = tiny_llama(n_kv_heads)
     x = idx()
     with torch.no_grad():
         ref = base(x)
@@ -54,7 +54,7 @@ def test_v2_step0_bit_identical(n_kv_heads, opts):
 
 
 def test_v2_trainable_count_and_predicate():
-    base = tiny(2)
+    base = tiny_llama(2)
     cfg = AdapterConfig(adapter_len=3, adapter_layers=2, **V2)
     m = AdaptedLLaMA(base, cfg)
     c = base.config
@@ -78,7 +78,7 @@ def test_v2_trainable_count_and_predicate():
 
 
 def test_v2_trains_and_detach_restores_base():
-    base = tiny(2)
+    base = tiny_llama(2)
     x = idx()
     with torch.no_grad():
         ref = base(x).clone()
@@ -100,21 +100,21 @@ def test_v2_trains_and_detach_restores_base():
 
 
 def test_v2_save_load_roundtrip(tmp_path):
-    base = tiny(2)
+    base = tiny_llama(2)
     m = AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=2, **V2))
     perturb(m)
     x = idx()
     with torch.no_grad():
         want = m(x)
     save_adapter(m, tmp_path / "a")
-    fresh = load_adapter(tiny(2), tmp_path / "a")
+    fresh = load_adapter(tiny_llama(2), tmp_path / "a")
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
 
 
 @pytest.mark.parametrize("zero_bias", [True, False])
 def test_fold_bias_scale_gives_identical_logits(zero_bias):
-    base = tiny(2).double()
+    base = tiny_llama(2).double()
     cfg = AdapterConfig(adapter_len=2, adapter_layers=2, **V2)
     m = AdaptedLLaMA(base, cfg)
     perturb(m)
@@ -143,7 +143,7 @@ def test_fold_bias_scale_gives_identical_logits(zero_bias):
 
 
 def test_early_fusion_only_first_layers_see_image():
-    base = tiny(2)
+    base = tiny_llama(2)
     x = idx()
     with torch.no_grad():
         ref = base(x)
@@ -161,7 +161,7 @@ def test_early_fusion_only_first_layers_see_image():
 
 
 def test_bad_v2_configs_name_the_option():
-    base = tiny(2)
+    base = tiny_llama(2)
     with pytest.raises(ValueError, match="drop visual_layers"):
         AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=2, visual_layers=1))
     with pytest.raises(ValueError, match="drop visual_layers"):
@@ -171,7 +171,7 @@ def test_bad_v2_configs_name_the_option():
 
 
 def test_bind_zero_init_count_and_gradients():
-    base = tiny(2)
+    base = tiny_llama(2)
     x = idx()
     with torch.no_grad():
         ref = base(x)
@@ -201,7 +201,7 @@ def test_bind_zero_init_count_and_gradients():
 def test_fold_zero_bias_exports_to_hf_and_reloads(tmp_path):
     from llama_adapter.checkpoint import load_model, save_hf
 
-    base = tiny(2)
+    base = tiny_llama(2)
     m = AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=1, bias_scale=True, train_norms=True))
     perturb(m)
     with torch.no_grad():
@@ -229,7 +229,7 @@ def vq_config(**kw) -> AdapterConfig:
 
 @pytest.mark.parametrize("extra", [{}, V2, dict(visual_layers=1)])
 def test_visual_query_step0_equals_frozen_with_and_without_image(extra):
-    base = tiny(2)
+    base = tiny_llama(2)
     x = idx()
     with torch.no_grad():
         ref = base(x)
@@ -241,7 +241,7 @@ def test_visual_query_step0_equals_frozen_with_and_without_image(extra):
 
 
 def test_visual_query_trainable_count_matches_formula():
-    base = tiny(2)
+    base = tiny_llama(2)
     c = base.config
     cfg = vq_config()
     m = AdaptedLLaMA(base, cfg)
@@ -256,18 +256,18 @@ def test_visual_query_trainable_count_matches_formula():
     assert count_trainable(m) == v1_count(base, cfg) + vq
     # with V2 bias/scale + norms on top, the counts add
     cfg2 = vq_config(**V2)
-    assert count_trainable(AdaptedLLaMA(tiny(2), cfg2)) == v1_count(base, cfg2) + v2_trainable_count(c, cfg2)
+    assert count_trainable(AdaptedLLaMA(tiny_llama(2), cfg2)) == v1_count(base, cfg2) + v2_trainable_count(c, cfg2)
     assert v2_trainable_count(c, cfg2) == vq + v2_trainable_count(c, AdapterConfig(**V2))
     # model-width default for the blocks
     wide = vq_config(visual_query_dim=0)
-    assert sum(p.numel() for p in AdaptedLLaMA(tiny(2), wide).adapter_visual.parameters()) == v2_trainable_count(
+    assert sum(p.numel() for p in AdaptedLLaMA(tiny_llama(2), wide).adapter_visual.parameters()) == v2_trainable_count(
         c, wide
     )
     assert all(n.startswith("adapter_visual.") for n, _ in m.named_parameters() if "visual" in n)
 
 
 def test_visual_query_adds_one_vector_per_prompt_position_in_fused_layers():
-    base = tiny(2)
+    base = tiny_llama(2)
     m = AdaptedLLaMA(base, vq_config(visual_layers=2))
     perturb(m)
     tokens = torch.randn(2, 5, 7)
@@ -295,7 +295,7 @@ def test_visual_query_adds_one_vector_per_prompt_position_in_fused_layers():
 
 
 def test_visual_query_trains_two_steps_and_roundtrips(tmp_path):
-    base = tiny(2)
+    base = tiny_llama(2)
     m = AdaptedLLaMA(base, vq_config(bias_scale=True))
     with torch.no_grad():
         m.adapter.gates.fill_(0.5)
@@ -312,14 +312,14 @@ def test_visual_query_trains_two_steps_and_roundtrips(tmp_path):
     with torch.no_grad():
         want = m(x, ctx=m.prompt_state(visual=tokens))
     save_adapter(m, tmp_path / "vq")
-    fresh = load_adapter(tiny(2), tmp_path / "vq")
+    fresh = load_adapter(tiny_llama(2), tmp_path / "vq")
     assert fresh.adapter_config == m.adapter_config
     with torch.no_grad():
         assert torch.equal(fresh(x, ctx=fresh.prompt_state(visual=tokens, precompute=True)), want)
 
 
 def test_bad_visual_query_configs_name_the_option():
-    base = tiny(2)
+    base = tiny_llama(2)
     with pytest.raises(ValueError, match="drop visual_query_blocks or set an image encoder"):
         AdaptedLLaMA(base, AdapterConfig(adapter_len=2, adapter_layers=2, visual_query_blocks=2))
     with pytest.raises(ValueError, match="visual_tokens set but visual_query_blocks=0.*drop them"):

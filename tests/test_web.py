@@ -13,22 +13,25 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 
-from test_serve import LiveServer, make_engine, one_thread, wait_for  # noqa: E402, F401
+from helpers import LiveServer, serve_engine, wait_for  # noqa: E402
 
 from llama_adapter.serve import build_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="headless browser test needs Chromium and chromedriver: apt-get install -y chromium chromium-driver",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="headless browser test needs Chromium and chromedriver: apt-get install -y chromium chromium-driver",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def live():
-    e = make_engine(step_delay=0.004)
+    e = serve_engine(step_delay=0.004)
     with LiveServer(build_app(e)) as s:
         s.engine = e
         yield s

@@ -1,0 +1,113 @@
+"""What several test files share: paths to ../shared, one tiny-model factory, a live server.
+
+Test files import from here (`from helpers import tiny_llama`), never from each other; pytest
+fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_adapter.config import Config
+from llama_adapter.model import LLaMA
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LLAMA2C = SHARED / "llama2c"
+STORIES = LLAMA2C / "stories260K.bin"
+TOK512 = LLAMA2C / "tok512.bin"
+ALPACA = SHARED / "alpaca" / "alpaca_en_demo.json"
+FLICKR = SHARED / "flickr8k_1k"
+
+
+def tiny_llama(
+    seed: int = 0,
+    *,
+    n_layers: int = 3,
+    n_kv_heads: int = 2,
+    std: float = 0.02,
+    frozen: bool = False,
+    **overrides: Any,
+) -> LLaMA:
+    """A random tiny LLaMA in eval mode: dim 32, 4 heads (GQA with 2 KV heads by default), a 61-token
+    vocabulary and a 64-token context unless `overrides` say otherwise (any `Config` field)."""
+    torch.manual_seed(seed)
+    fields = dict(name="tiny", dim=32, n_heads=4, vocab_size=61, hidden_dim=48, max_seq_len=64, norm_eps=1e-5)
+    c = Config(**{**fields, "n_layers": n_layers, "n_kv_heads": n_kv_heads, **overrides})
+    m = LLaMA(c)
+    m.reset_parameters(std=std)
+    if frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return m.eval()
+
+
+def stories260k() -> tuple[LLaMA, Any]:
+    """The real stories260K model (eval mode) and its tokenizer."""
+    from llama_adapter.checkpoint import load_model
+    from llama_adapter.tokenizer import load_tokenizer
+
+    model = load_model("stories260k")
+    return model.eval(), load_tokenizer(model.config.extra["tokenizer"])
+
+
+def serve_engine(adapters: bool = True, **kw: Any) -> Any:
+    """stories260k plus two adapters with non-zero gates: 'tiny' (text) and 'vis' (multimodal,
+    the random clip-tiny encoder), so adapters visibly change what the model says."""
+    from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
+    from llama_adapter.serve import Engine
+
+    model, tok = stories260k()
+    ads, enc = {}, {}
+    if adapters:
+        torch.manual_seed(0)
+        tiny = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=2))
+        vis = AdaptedLLaMA(
+            model, AdapterConfig(adapter_len=4, adapter_layers=3, visual_dim=128, image_encoder="clip-tiny")
+        )
+        with torch.no_grad():
+            for a in (tiny, vis):
+                a.adapter.gates.uniform_(0.5, 1.0)
+            vis.adapter_visual.fc2.weight.mul_(20.0)  # make the (random) image features matter
+        ads = {"tiny": tiny, "vis": vis}
+        from llama_adapter.multimodal import image_features_for
+
+        enc = {"vis": lambda images: image_features_for(vis, images)}
+    kw.setdefault("max_batch", 4)
+    return Engine(model, tok, name="stories260k", adapters=ads, image_encoders=enc, **kw)
+
+
+def wait_for(cond: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class LiveServer:
+    """uvicorn on a free 127.0.0.1 port in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_for(lambda: self.server.started, 20, "uvicorn to start")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
