@@ -34,10 +34,10 @@ def _check_fields(d: dict[str, Any], where: str) -> None:
 
 def config_from_hf(d: dict[str, Any], name: str = "custom", where: str = "config.json") -> Config:
     """A transformers LlamaConfig dict (config.json) -> Config."""
-    _check_fields(d, where)
     model_type = d.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; only 'llama' checkpoints load")
+    _check_fields(d, where)
     if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
         raise ValueError(f"{where}: only silu activations without attention/mlp biases are supported")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
