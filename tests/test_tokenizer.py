@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from helpers import LLAMA2C
 
+from llama_adapter.checkpoint import read_gguf_metadata
 from llama_adapter.tokenizer import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -14,7 +15,6 @@ from llama_adapter.tokenizer import (
     SentencePieceTokenizer,
     alpaca_prompt,
     load_tokenizer,
-    read_gguf_metadata,
     render_chat,
 )
 
