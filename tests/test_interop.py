@@ -472,9 +472,3 @@ def test_merge(tmp_path):
     merged.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(idx), want, atol=1e-5, rtol=1e-5)
-
-    class NoV2:
-        adapter_config = object()
-
-    with pytest.raises(NotImplementedError):
-        merge_bias_scale(NoV2())

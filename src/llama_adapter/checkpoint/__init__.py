@@ -15,7 +15,7 @@ from ..config import Config
 from ..model import LLaMA
 from .common import FORMATS, CheckpointNotFoundError, ModelSource, chat_template_name, read_json
 from .gguf import GGUF_NATIVE, GGUF_VIA_GGUF_PY, GGUFFile, dequantize, load_gguf, read_gguf, read_gguf_metadata
-from .hf import config_from_hf, config_to_hf, hf_config, load_hf, save_hf
+from .hf import config_from_hf, config_to_hf, hf_config, load_hf, load_safetensors, save_hf
 from .keymaps import (
     GGUF_KEYS,
     HF_KEYS,
@@ -28,15 +28,15 @@ from .keymaps import (
     interleaved_to_half,
 )
 from .llama2c import load_llama2c
-from .meta import load_meta, load_torch_file, meta_config, meta_hidden_dim
+from .meta import load_meta, load_torch_file, meta_config, meta_hidden_dim, require_tensors
 from .sources import NAMED_MODELS, SMOLLM2, SMOLLM2_INSTALL, resolve
 
 __all__ = [
-    "FORMATS", "GGUF_KEYS", "GGUF_NATIVE", "GGUF_VIA_GGUF_PY", "HF_KEYS", "LLAMA2C_KEYS", "LLAMA2C_ORDER",
-    "META_KEYS", "META_SPLIT", "NAMED_MODELS", "SMOLLM2", "SMOLLM2_INSTALL", "CheckpointNotFoundError", "GGUFFile",
-    "KeyMap", "ModelSource", "chat_template_name", "config_from_hf", "config_to_hf", "dequantize",
-    "half_to_interleaved", "hf_config", "interleaved_to_half", "load_model", "load_torch_file", "meta_config",
-    "meta_hidden_dim", "read_gguf", "read_gguf_metadata", "read_json", "resolve", "save_hf",
+    "CheckpointNotFoundError", "FORMATS", "GGUFFile", "GGUF_KEYS", "GGUF_NATIVE", "GGUF_VIA_GGUF_PY", "HF_KEYS",
+    "KeyMap", "LLAMA2C_KEYS", "LLAMA2C_ORDER", "META_KEYS", "META_SPLIT", "ModelSource", "NAMED_MODELS", "SMOLLM2",
+    "SMOLLM2_INSTALL", "chat_template_name", "config_from_hf", "config_to_hf", "dequantize", "half_to_interleaved",
+    "hf_config", "interleaved_to_half", "load_model", "load_safetensors", "load_torch_file", "meta_config",
+    "meta_hidden_dim", "read_gguf", "read_gguf_metadata", "read_json", "require_tensors", "resolve", "save_hf",
 ]  # fmt: skip
 
 

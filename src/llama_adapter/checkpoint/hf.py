@@ -137,6 +137,12 @@ def _open_safetensors(stack: ExitStack, path: Path) -> list[Lazy]:
         raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is truncated or damaged") from e
 
 
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a damaged file is a one-line ValueError naming it."""
+    with ExitStack() as stack:
+        return {name: read() for name, _, read in _open_safetensors(stack, path)}
+
+
 def load_hf(source: ModelSource, config: Config | None, **kw: Any) -> tuple[LLaMA, str | None]:
     d = source.path
     config = with_config(config, hf_config(d, source.name), source.name)

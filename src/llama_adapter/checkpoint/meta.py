@@ -46,14 +46,16 @@ def load_torch_file(path: Path) -> dict[str, Any]:
     return sd
 
 
-def _meta_shard(path: Path) -> dict[str, torch.Tensor]:
-    sd = load_torch_file(path)
+def require_tensors(sd: dict[str, Any], path: Path, what: str) -> dict[str, torch.Tensor]:
+    """`sd` itself when every value is a tensor; otherwise a ValueError saying `what` the file should hold."""
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
-            raise ValueError(
-                f"{path}: {k!r} is a {type(v).__name__}, not a tensor; a Meta consolidated.*.pth holds only tensors"
-            )
+            raise ValueError(f"{path}: {k!r} is a {type(v).__name__}, not a tensor; {what}")
     return sd
+
+
+def _meta_shard(path: Path) -> dict[str, torch.Tensor]:
+    return require_tensors(load_torch_file(path), path, "a Meta consolidated.*.pth holds only tensors")
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
