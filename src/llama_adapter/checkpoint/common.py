@@ -47,6 +47,23 @@ def check_numbers(d: dict[str, Any], kinds: dict[str, type], where: str, require
             raise ValueError(f"{where}: {key} is {v!r}, expected {'a number' if kind is float else 'an integer'}")
 
 
+def new_config(where: Path | str, **fields: Any) -> Config:
+    """`Config(**fields)` for the shape a checkpoint declares. Each size must be a positive int below 2**24
+    (2**31 for layers and context): far above any real model, small enough that a damaged header cannot
+    make building the model (on the meta device) overflow or hang."""
+    limits = {"dim": 2**24, "n_layers": 2**31, "n_heads": 2**24, "n_kv_heads": 2**24, "hidden_dim": 2**24,
+              "vocab_size": 2**24, "head_dim_override": 2**24, "max_seq_len": 2**31}  # fmt: skip
+    bad = {
+        k: fields[k]
+        for k, limit in limits.items()
+        if fields.get(k) is not None
+        and (isinstance(fields[k], bool) or not isinstance(fields[k], int) or not 0 < fields[k] < limit)
+    }
+    if bad:
+        raise ValueError(f"{where}: the checkpoint declares implausible sizes {bad}; the file is damaged")
+    return Config(**fields)
+
+
 def with_config(config: Config | None, derived: Config, name: str) -> Config:
     """The config read from the checkpoint, unless the caller passed one (its shapes are checked later)."""
     if config is None:

@@ -23,7 +23,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from ..config import Config
 from ..model import LLaMA, rope_frequencies
 from .build import Lazy, build_model
-from .common import ModelSource, chat_template_name, with_config
+from .common import ModelSource, chat_template_name, new_config, with_config
 from .keymaps import GGUF_KEYS
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -187,7 +187,7 @@ def _qtype_name(qtype: int) -> str:
     try:
         return GGMLQuantizationType(qtype).name
     except ValueError:
-        return f"type {qtype}"
+        return str(qtype)
 
 
 def _dequantize_q4_q8(b: torch.Tensor, name: str, block: int, size: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -277,7 +277,8 @@ def gguf_config(g: GGUFFile) -> Config:
     vocab = len(tokens) if tokens is not None else g.value("llama.vocab_size", int)
     if vocab is None:
         vocab = g.tensors["token_embd.weight"][0][0] if "token_embd.weight" in g.tensors else 0
-    derived = Config(
+    derived = new_config(
+        g.path,
         dim=dim,
         n_layers=key("block_count"),
         n_heads=n_heads,
@@ -305,6 +306,9 @@ def load_gguf(source: ModelSource, config: Config | None, **kw: Any) -> tuple[LL
     # Fail on an unsupported type before spending time on the others.
     for name, (_, qtype, _) in g.tensors.items():
         if GGUF_KEYS.ours(name) is not None and _qtype_name(qtype) not in GGUF_NATIVE + GGUF_VIA_GGUF_PY:
-            dequantize(np.zeros(0, np.uint8), qtype, (1,))
+            try:
+                dequantize(np.zeros(0, np.uint8), qtype, (1,))
+            except ValueError as e:
+                raise ValueError(f"{g.path}: tensor {name!r}: {e}") from e
     template = chat_template_name(g.value("tokenizer.chat_template", str))
     return build_model(source, config, GGUF_KEYS, tensors, **kw), template

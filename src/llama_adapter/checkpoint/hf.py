@@ -17,7 +17,15 @@ from safetensors.torch import save_file
 from ..config import Config
 from ..model import LLaMA
 from .build import Lazy, build_model
-from .common import CheckpointNotFoundError, ModelSource, chat_template_name, check_numbers, read_json, with_config
+from .common import (
+    CheckpointNotFoundError,
+    ModelSource,
+    chat_template_name,
+    check_numbers,
+    new_config,
+    read_json,
+    with_config,
+)
 from .keymaps import HF_KEYS
 
 _REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -34,6 +42,7 @@ def _check_fields(d: dict[str, Any], where: str) -> None:
 
 def config_from_hf(d: dict[str, Any], name: str = "custom", where: str = "config.json") -> Config:
     """A transformers LlamaConfig dict (config.json) -> Config."""
+    d = {k: v for k, v in d.items() if v is not None}  # null: the default
     model_type = d.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; only 'llama' checkpoints load")
@@ -53,7 +62,8 @@ def config_from_hf(d: dict[str, Any], name: str = "custom", where: str = "config
         raise ValueError(f"{where}: rope type {rope_type!r} is not supported; supported: default, llama3")
     dim, n_heads = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim")
-    return Config(
+    return new_config(
+        where,
         name=name,
         dim=dim,
         n_layers=d["num_hidden_layers"],

@@ -13,7 +13,7 @@ import torch
 from ..config import Config
 from ..model import LLaMA
 from .build import Lazy, build_model
-from .common import ModelSource, with_config
+from .common import ModelSource, new_config, with_config
 from .keymaps import LLAMA2C_KEYS, LLAMA2C_ORDER, OURS_LAYER
 
 HEADER_BYTES = 28
@@ -67,7 +67,8 @@ def load_llama2c(source: ModelSource, config: Config | None, **kw: Any) -> LLaMA
             f"n_kv_heads={n_kv}, vocab_size={vocab}, seq_len={seq}) implies {expected} bytes, the file has "
             f"{actual}; the file is truncated or not a legacy llama2.c export"
         )
-    derived = Config(
+    derived = new_config(
+        path,
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=abs(vocab), hidden_dim=hidden,
         norm_eps=1e-5, max_seq_len=seq, tie_embeddings=vocab > 0,
     )  # fmt: skip

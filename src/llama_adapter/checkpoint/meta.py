@@ -12,7 +12,7 @@ import torch
 from ..config import Config
 from ..model import LLaMA
 from .build import Lazy, build_model
-from .common import ModelSource, check_numbers, read_json, with_config
+from .common import ModelSource, check_numbers, new_config, read_json, with_config
 from .keymaps import META_KEYS, META_SPLIT
 
 _PARAMS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "multiple_of": int,
@@ -29,17 +29,18 @@ def load_torch_file(path: Path) -> dict[str, Any]:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # not a zip archive (legacy format): no mmap
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e) or "Unsupported class" in str(e):
+        unsafe = re.search(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(e))
+        if unsafe:
             raise ValueError(
-                f"{path}: holds arbitrary Python objects, not only tensors; it is not loaded for safety "
-                "(unpickling them could run code); re-save it as a plain state dict of tensors"
+                f"{path}: holds arbitrary Python objects ({unsafe.group(1)}), not only tensors; it is not loaded "
+                "for safety (unpickling could run code); re-save it as a plain state dict of tensors"
             ) from e
         raise ValueError(f"{path}: not a readable PyTorch file (damaged pickle); re-download or re-save it") from e
-    except Exception as e:  # torch's zip and unpickling readers raise many types on damaged input
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    except Exception as e:  # torch's zip reader, unpickler and mmap raise many types (OSError too) on damage
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
         raise ValueError(f"{path}: not a readable PyTorch file ({reason}); it is truncated or damaged") from e
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise ValueError(f"{path}: expected a state dict (names -> tensors), found {type(sd).__name__}")
@@ -66,7 +67,7 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 
 
 def _read_params(d: Path) -> dict[str, Any]:
-    p = read_json(d / "params.json")
+    p = {k: v for k, v in read_json(d / "params.json").items() if v is not None}  # null: the default
     check_numbers(p, _PARAMS, str(d / "params.json"), required=("dim", "n_layers", "n_heads"))
     if p.get("multiple_of", 256) <= 0:
         raise ValueError(f"{d / 'params.json'}: multiple_of must be positive")
@@ -88,7 +89,8 @@ def meta_config(d: Path, name: str, shards: list[dict[str, torch.Tensor]] | None
                        original_max_position_embeddings=8192)  # fmt: skip
     theta = float(p.get("rope_theta", 10000.0))
     default_len = 131072 if scaling else (8192 if theta >= 500000 else 2048)
-    return Config(
+    return new_config(
+        d / "params.json",
         name=name,
         dim=p["dim"],
         n_layers=p["n_layers"],
