@@ -13,9 +13,9 @@ import torch
 
 from ..config import Config
 from ..model import LLaMA
-from .common import FORMATS, CheckpointNotFoundError, ModelSource, chat_template_name, read_json
+from .common import FORMATS, CheckpointNotFoundError, ModelSource, chat_template_name, one_line, read_json
 from .gguf import GGUF_NATIVE, GGUF_VIA_GGUF_PY, GGUFFile, dequantize, load_gguf, read_gguf, read_gguf_metadata
-from .hf import config_from_hf, config_to_hf, hf_config, load_hf, load_safetensors, save_hf
+from .hf import config_from_hf, config_to_hf, hf_config, load_hf, load_safetensors, safetensors_shapes, save_hf
 from .keymaps import (
     GGUF_KEYS,
     HF_KEYS,
@@ -36,7 +36,8 @@ __all__ = [
     "KeyMap", "LLAMA2C_KEYS", "LLAMA2C_ORDER", "META_KEYS", "META_SPLIT", "ModelSource", "NAMED_MODELS", "SMOLLM2",
     "SMOLLM2_INSTALL", "chat_template_name", "config_from_hf", "config_to_hf", "dequantize", "half_to_interleaved",
     "hf_config", "interleaved_to_half", "load_model", "load_safetensors", "load_torch_file", "meta_config",
-    "meta_hidden_dim", "read_gguf", "read_gguf_metadata", "read_json", "require_tensors", "resolve", "save_hf",
+    "meta_hidden_dim", "one_line", "read_gguf", "read_gguf_metadata", "read_json", "require_tensors", "resolve",
+    "safetensors_shapes", "save_hf",
 ]  # fmt: skip
 
 

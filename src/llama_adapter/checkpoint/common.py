@@ -25,12 +25,19 @@ class ModelSource:
     name: str
 
 
+def one_line(e: BaseException) -> str:
+    """A third-party error message fit to quote inside ours: one line, not too long."""
+    return " ".join(str(e).split())[:200]
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A file holding one JSON object; anything else is a one-line ValueError naming the file."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are ValueErrors
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged, re-download or re-create it") from e
+        raise ValueError(
+            f"{path}: not valid JSON ({one_line(e)}); the file is damaged, re-download or re-create it"
+        ) from e
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, found a {type(value).__name__}; the file is damaged")
     return value

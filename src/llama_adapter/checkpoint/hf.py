@@ -23,6 +23,7 @@ from .common import (
     chat_template_name,
     check_numbers,
     new_config,
+    one_line,
     read_json,
     with_config,
 )
@@ -134,9 +135,13 @@ def _reader(f: Any, name: str, path: Path) -> Callable[[], torch.Tensor]:
         try:
             return f.get_tensor(name)
         except SafetensorError as e:
-            raise ValueError(f"{path}: tensor {name!r} cannot be read ({e}); the file is damaged") from e
+            raise ValueError(f"{path}: tensor {name!r} cannot be read ({one_line(e)}); the file is damaged") from e
 
     return read
+
+
+def _damaged(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable safetensors file ({one_line(e)}); truncated or damaged file")
 
 
 def _open_safetensors(stack: ExitStack, path: Path) -> list[Lazy]:
@@ -144,7 +149,17 @@ def _open_safetensors(stack: ExitStack, path: Path) -> list[Lazy]:
         f = stack.enter_context(safe_open(str(path), framework="pt"))
         return [(name, tuple(f.get_slice(name).get_shape()), _reader(f, name, path)) for name in f.keys()]
     except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is truncated or damaged") from e
+        raise _damaged(path, e) from e
+
+
+def safetensors_shapes(path: Path) -> dict[str, dict[str, Any]]:
+    """{name: {"shape", "dtype"}} of a safetensors file, read from its header only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": str(f.get_slice(k).get_dtype())}
+                    for k in f.keys()}  # fmt: skip
+    except SafetensorError as e:
+        raise _damaged(path, e) from e
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ class KeyMap:
     def __init__(self, table: dict[str, str], *, interleaved_qk: bool, ignore: tuple[str, ...] = ()) -> None:
         self.table = table
         self.interleaved_qk = interleaved_qk  # q/k stored in Meta's interleaved RoPE order
-        self._fwd = [(re.compile(re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in table.items()]
-        self._rev = [(re.compile(re.escape(v).replace(r"\{i\}", r"(\d+)") + "$"), k) for k, v in table.items()]
+        self._fwd = [(re.compile(re.escape(k).replace(r"\{i\}", r"(\d+)") + r"\Z"), v) for k, v in table.items()]
+        self._rev = [(re.compile(re.escape(v).replace(r"\{i\}", r"(\d+)") + r"\Z"), k) for k, v in table.items()]
         self._ignore = [re.compile(p) for p in ignore]
 
     @staticmethod

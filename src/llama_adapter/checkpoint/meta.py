@@ -12,13 +12,13 @@ import torch
 from ..config import Config
 from ..model import LLaMA
 from .build import Lazy, build_model
-from .common import ModelSource, check_numbers, new_config, read_json, with_config
+from .common import ModelSource, check_numbers, new_config, one_line, read_json, with_config
 from .keymaps import META_KEYS, META_SPLIT
 
 _PARAMS = {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "vocab_size": int, "multiple_of": int,
            "max_seq_len": int, "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float,
            "rope_scaling_factor": float}  # fmt: skip
-_SPLIT_RULES = [(re.compile(re.escape(k).replace(r"\{i\}", r"\d+") + "$"), v) for k, v in META_SPLIT.items()]
+_SPLIT_RULES = [(re.compile(re.escape(k).replace(r"\{i\}", r"\d+") + r"\Z"), v) for k, v in META_SPLIT.items()]
 
 
 def load_torch_file(path: Path) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def load_torch_file(path: Path) -> dict[str, Any]:
             ) from e
         raise ValueError(f"{path}: not a readable PyTorch file (damaged pickle); re-download or re-save it") from e
     except Exception as e:  # torch's zip reader, unpickler and mmap raise many types (OSError too) on damage
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        reason = f"{type(e).__name__}: {one_line(e)}" if str(e) else type(e).__name__
         raise ValueError(f"{path}: not a readable PyTorch file ({reason}); it is truncated or damaged") from e
     if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
         raise ValueError(f"{path}: expected a state dict (names -> tensors), found {type(sd).__name__}")

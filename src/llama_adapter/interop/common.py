@@ -22,9 +22,9 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # what PeftModelForCausalLM.save_pretrained writes before the HF names
-PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$")
+PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.self_attn\.adaption_(prompt|gate)\Z")
 OFFICIAL_QUERY = "adapter_query.weight"
-OFFICIAL_GATE = re.compile(r"^layers\.(\d+)\.attention\.gate$")
+OFFICIAL_GATE = re.compile(r"^layers\.(\d+)\.attention\.gate\Z")
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from .. import checkpoint
 from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .common import (
     OFFICIAL,
@@ -32,15 +32,7 @@ Shapes = dict[str, dict[str, Any]]
 
 def _shapes(path: Path) -> Shapes:
     if path.suffix == ".safetensors":
-        out = {}
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    out[k] = {"shape": list(sl.get_shape()), "dtype": str(sl.get_dtype())}
-        except SafetensorError as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e}); the file is truncated or damaged") from e
-        return out
+        return checkpoint.safetensors_shapes(path)
     return {
         k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
         for k, v in official_state(path).items()

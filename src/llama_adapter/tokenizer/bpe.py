@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .base import Tokenizer
 
-BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>\Z")
 
 
 class ScoreBPETokenizer(Tokenizer):

@@ -12,6 +12,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Tok
 
+from ..checkpoint.common import one_line
 from ..checkpoint.gguf import GGUFFile, read_gguf
 from .base import Tokenizer
 from .bpe import ScoreBPETokenizer
@@ -68,7 +69,7 @@ def _byte_level_bpe(g: GGUFFile, tokens: list[str], types: list[int], ids: dict[
         tok.add_tokens(added)
     except Exception as e:  # tokenizers raises a plain Exception (e.g. a merge of unknown tokens)
         raise ValueError(
-            f"{g.path}: the embedded byte-level BPE tokenizer is invalid ({e}); the file is damaged"
+            f"{g.path}: the embedded byte-level BPE tokenizer is invalid ({one_line(e)}); the file is damaged"
         ) from e
     return HFTokenizer(
         tok, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],

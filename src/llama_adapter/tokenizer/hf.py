@@ -9,7 +9,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _Tok
 
-from ..checkpoint.common import chat_template_name, read_json
+from ..checkpoint.common import chat_template_name, one_line, read_json
 from .base import Tokenizer
 
 
@@ -86,7 +86,7 @@ def load_hf(path: Path) -> HFTokenizer:
         tok = _Tok.from_file(str(file))
     except Exception as e:  # tokenizers raises a plain Exception
         raise ValueError(
-            f"{file}: not a valid Hugging Face tokenizer.json ({e}); re-save it with `tokenizer.save(...)`"
+            f"{file}: not a valid Hugging Face tokenizer.json ({one_line(e)}); re-save it with `tokenizer.save(...)`"
         ) from e
     cfg = _configs(directory)
 

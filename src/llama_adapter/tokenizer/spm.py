@@ -7,6 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ..checkpoint.common import one_line
 from .base import Tokenizer
 from .bpe import BYTE_PIECE
 
@@ -22,7 +23,7 @@ class SentencePieceTokenizer(Tokenizer):
             pad = self.sp.pad_id()
             self._finish_init(pad if pad >= 0 else None)
         except (RuntimeError, OSError, UnicodeDecodeError) as e:  # what sentencepiece raises on a damaged model
-            raise ValueError(f"{path}: not a readable SentencePiece model ({e}); check the file") from e
+            raise ValueError(f"{path}: not a readable SentencePiece model ({one_line(e)}); check the file") from e
 
     def _read_vocabulary(self) -> set[int]:
         sp = self.sp
