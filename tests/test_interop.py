@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_llama
+from helpers import STORIES, fuzz_file, fuzz_json, tiny_llama
 from safetensors.torch import save_file
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterBank, AdapterConfig, load_adapter, save_adapter
@@ -18,14 +18,18 @@ from llama_adapter.interop import (
     base_config,
     convert_adapter,
     convert_base,
+    detect_format,
     infer_official_shape,
     inspect_adapter,
     list_adapters,
     merge_adapter,
     merge_bias_scale,
+    read_official,
     read_ours,
+    read_peft,
 )
 from llama_adapter.model import LLaMA
+from llama_adapter.tokenizer import load_tokenizer
 
 torch.set_num_threads(1)
 
@@ -472,3 +476,66 @@ def test_merge(tmp_path):
     merged.load_state_dict(sd)
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(idx), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- bad input (issue 18)
+def test_convert_base_writes_the_tokenizer(tmp_path):
+    """`convert base` output is a model directory of its own: `generate --model hf_out` needs no flag."""
+    if not STORIES.exists():
+        pytest.skip(f"{STORIES} not found")
+    report = convert_base(STORIES, tmp_path / "hf")
+    assert report["tokenizer_files"] == ["tokenizer.bin"] and report["notes"] == []
+    params = SamplingParams(max_new_tokens=24)
+    tokens = []
+    for spec in (STORIES, tmp_path / "hf"):
+        model = load_model(spec, progress=False)
+        tok = load_tokenizer(model.config.extra["tokenizer"])
+        tokens.append(generate(model, [tok.encode("Once upon a time", bos=True)], params)[0])
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 24
+
+
+@pytest.fixture
+def adapter_files(meta_base, tmp_path):
+    """An official .pth, a PEFT directory and ours, all for the tiny Meta base (given as its Config)."""
+    d, _, _ = meta_base
+    make_official_adapter(tmp_path / "official.pth")
+    convert_adapter(tmp_path / "official.pth", tmp_path / "ours", base=d)
+    convert_adapter(tmp_path / "ours", tmp_path / "peft", to="peft")
+    return base_config(d), tmp_path
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_fuzz_official_and_peft_adapter_files(adapter_files, slow):
+    base, d = adapter_files
+    sizes = dict(cuts=150, flips=300, seed=1) if slow else dict(cuts=12, flips=12)
+    for path, read in [
+        (d / "official.pth", lambda: (read_official(d / "official.pth", base), inspect_adapter(d / "official.pth"))),
+        (d / "peft" / "adapter_model.safetensors", lambda: (read_peft(d / "peft", base), inspect_adapter(d / "peft"))),
+        (d / "peft" / "adapter_config.json", lambda: (read_peft(d / "peft", base), inspect_adapter(d / "peft"))),
+        (d / "ours" / "adapter.safetensors", lambda: (read_ours(d / "ours"), inspect_adapter(d / "ours"))),
+    ]:
+        fuzz_file(path, read, head=1024, **sizes)
+    fuzz_json(d / "peft" / "adapter_config.json", lambda: (read_peft(d / "peft", base), inspect_adapter(d / "peft")))
+
+
+def test_malformed_adapter_files_are_one_line_errors(adapter_files):
+    base, d = adapter_files
+    (d / "peft" / "adapter_config.json").write_text("[1, 2]")
+    for call in (lambda: convert_adapter(d / "peft", d / "x", base=base), lambda: inspect_adapter(d / "peft")):
+        with pytest.raises(ValueError, match=r"adapter_config.json: expected a JSON object, found a list"):
+            call()
+    (d / "peft" / "adapter_config.json").write_text(json.dumps({"adapter_len": 10}))  # no peft_type
+    with pytest.raises(ValueError, match="neither a llama-adapter config .* nor a PEFT config"):
+        detect_format(d / "peft")
+    with pytest.raises(ValueError, match="peft_type=None; only ADAPTION_PROMPT"):
+        read_peft(d / "peft", base)
+    meta = json.loads((d / "ours" / "adapter_config.json").read_text())
+    (d / "ours" / "adapter_config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "base"}))
+    with pytest.raises(ValueError, match="needs an 'adapter' object and a 'base' object"):
+        read_ours(d / "ours")
+    torch.save({"adapter_query.weight": "rows", "layers.3.attention.gate": torch.ones(1)}, d / "official.pth")
+    with pytest.raises(ValueError, match="'adapter_query.weight' is a str, not a tensor"):
+        read_official(d / "official.pth", base)
+    torch.save({"adapter_query.weight": torch.nn.Linear(2, 2)}, d / "official.pth")
+    with pytest.raises(ValueError, match=r"holds arbitrary Python objects \(torch.nn.modules.linear.Linear\)"):
+        convert_adapter(d / "official.pth", d / "x", base=base)
