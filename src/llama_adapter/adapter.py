@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import Config
 from .model import Attention, LLaMA, sdpa
+from .v2 import BindNetwork, VisualQuery, apply_v2, remove_v2
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,7 +52,7 @@ class AdapterConfig:
     visual_dim: int = 0
     visual_hidden: int = 0  # hidden width of the projection MLP; 0 = the model width
     image_encoder: str | None = None  # recorded so inference builds the same frozen encoder
-    # LLaMA-Adapter V2 / ImageBind-LLM options (implemented in v2.py).
+    # LLaMA-Adapter V2 / ImageBind-LLM options (modules in v2.py).
     bias_scale: bool = False  # y = scale * (W x + b) on every block linear, bias 0 / scale 1 at init
     train_norms: bool = False  # RMSNorm weights trainable (as copies named adapter_weight)
     # Early fusion: the visual feature goes only into the first `visual_layers` adapted layers'
@@ -165,6 +166,8 @@ class LayerPrompt:
     prompt: torch.Tensor  # [B or 1, K, dim]
     gate: torch.Tensor  # [B or 1, n_heads], activation already applied
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed [B or 1, n_kv_heads, K, head_dim]
+    # [B, K] True = a real prompt slot; set when rows with different K share a batch (stack_prompts)
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -176,6 +179,56 @@ class PromptState:
 
     def get(self, layer_idx: int) -> LayerPrompt | None:
         return self.layers.get(layer_idx)
+
+    def row(self, b: int) -> PromptState:
+        """Row b of a batched (precomputed) state as a state of its own; [1, ...] tensors broadcast."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[b : b + 1]
+
+        layers = {
+            i: LayerPrompt(pick(lp.prompt), pick(lp.gate), None if lp.kv is None else (pick(lp.kv[0]), pick(lp.kv[1])),
+                           pick(lp.mask))
+            for i, lp in self.layers.items()
+        }  # fmt: skip
+        return PromptState(layers, pick(self.bind))
+
+
+def stack_prompts(states: list[PromptState | None]) -> PromptState | None:
+    """One state for a batch whose row b uses `states[b]` (precomputed, one row each): the single
+    mechanism for mixing adapters, images and plain rows in one forward. A row without a state, or
+    whose adapter does not reach a layer, gets gate 0 there: its prompt branch adds exactly nothing.
+    Rows with different prompt lengths K are padded and masked, so any adapters can share a step."""
+    real = [s for s in states if s is not None]
+    if not real:
+        return None
+    if all(s is real[0] for s in states):
+        return real[0]  # one adapter for the whole batch: broadcast, nothing to gather
+    out = PromptState()
+    for i in sorted({i for s in real for i in s.layers}):
+        lps = [None if s is None else s.layers.get(i) for s in states]
+        ref = next(lp for lp in lps if lp is not None)
+        if any(lp is not None and lp.kv is None for lp in lps):
+            raise ValueError("stack_prompts needs precomputed prompt K/V (prompt_state(precompute=True))")
+        k_max = max(lp.kv[0].shape[2] for lp in lps if lp is not None)
+        ks, vs, gs, ms = [], [], [], []
+        for lp in lps:
+            k, v = ref.kv if lp is None else lp.kv
+            pad = k_max - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+            gs.append(torch.zeros_like(ref.gate) if lp is None else lp.gate)
+            m = torch.ones(1, k_max, dtype=torch.bool, device=k.device)
+            m[:, k.shape[2] :] = False
+            ms.append(m if lp is None or lp.mask is None else m & torch.nn.functional.pad(lp.mask, (0, pad)))
+        mask = torch.cat(ms)
+        out.layers[i] = LayerPrompt(ref.prompt.new_zeros(0), torch.cat(gs), (torch.cat(ks), torch.cat(vs)),
+                                    None if bool(mask.all()) else mask)  # fmt: skip
+    binds = [None if s is None else s.bind for s in states]
+    ref_b = next((b for b in binds if b is not None), None)
+    if ref_b is not None:
+        out.bind = torch.cat([torch.zeros_like(ref_b) if b is None else b for b in binds])
+    return out
 
 
 class AdaptedAttention(Attention):
@@ -219,7 +272,8 @@ class AdaptedAttention(Attention):
         pk, pv = lp.kv if lp.kv is not None else self.prompt_kv(lp.prompt)
         B = q.shape[0]
         # Every token sees every prompt: no mask, and a softmax separate from the sequence's.
-        yp = sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), None, causal=False)
+        pmask = None if lp.mask is None else lp.mask[:, None, None, :]
+        yp = sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), pmask, causal=False)
         return y + lp.gate.to(y.dtype).expand(B, -1)[:, :, None, None] * yp
 
 
@@ -277,25 +331,27 @@ class AdaptedLLaMA(nn.Module):
         self.adapter_config = config
         device = model.tok_embeddings.weight.device
         self.adapter = AdaptionPrompt(config, model.config).to(device)
-        from . import v2  # V2 bias/scale, trainable norms, visual query and bind injection live in v2.py
-
         if config.visual_query_blocks and (config.visual_query_dim or model.config.dim) % config.visual_query_heads:
             raise ValueError(
                 f"the visual-query width {config.visual_query_dim or model.config.dim} is not divisible by "
                 f"visual_query_heads={config.visual_query_heads}; set visual_query_dim or visual_query_heads"
             )
+        c = model.config
         # One attribute for either visual module, so callers can test `adapter_visual is not None`.
         self.adapter_visual: nn.Module | None = None
         if config.visual_query_blocks:
-            self.adapter_visual = v2.make_visual_query(config, model.config).to(device)
+            self.adapter_visual = VisualQuery(
+                config.visual_tokens, config.visual_token_dim, config.adapter_len, c.dim,
+                config.visual_query_dim, config.visual_query_blocks, config.visual_query_heads,
+            ).to(device)  # fmt: skip
         elif config.visual_dim:
-            self.adapter_visual = VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
-        n = model.config.n_layers
-        self.adapted_layers = list(range(n - config.adapter_layers, n))
+            self.adapter_visual = VisualProjection(config.visual_dim, c.dim, config.visual_hidden).to(device)
+        self.adapted_layers = list(range(c.n_layers - config.adapter_layers, c.n_layers))
 
-        v2.apply_v2(model, config)
-        self.adapter_bind = v2.make_bind(config, model.config)
-        if self.adapter_bind is not None:
+        apply_v2(model, bias_scale=config.bias_scale, train_norms=config.train_norms, bind=bool(config.bind_dim))
+        self.adapter_bind: BindNetwork | None = None
+        if config.bind_dim:
+            self.adapter_bind = BindNetwork(config.bind_dim, c.dim, config.bind_blocks, config.bind_hidden, c.norm_eps)
             self.adapter_bind.to(device)
         for i in self.adapted_layers:
             attn = model.layers[i].attention
@@ -388,9 +444,7 @@ class AdaptedLLaMA(nn.Module):
             attn = self.model.layers[i].attention
             if isinstance(attn, AdaptedAttention):
                 self.model.layers[i].attention = attn.unwrap()
-        from . import v2
-
-        v2.remove_v2(self.model)
+        remove_v2(self.model)
         return self.model
 
 
@@ -407,6 +461,42 @@ def mark_trainable(module: nn.Module) -> None:
 
 def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def v2_trainable_count(base: Config, config: AdapterConfig) -> int:
+    """Trainable parameters added by the V2 / bind options (on top of the V1 prompts, gates and
+    the global-feature visual projection):
+
+    bias_scale:  2 * n_layers * (n_heads*hd + 2*n_kv_heads*hd + 2*dim + 2*hidden_dim)
+    train_norms: (2 * n_layers + 1) * dim
+    bind:        E*dim + dim + N*(dim + 3*dim*bind_hidden) + n_layers   (gates)
+    visual query (replaces the visual projection): see `visual_query_count`
+    """
+    c, hd = base, base.head_dim
+    n = 0
+    if config.bias_scale:
+        n += 2 * c.n_layers * (c.n_heads * hd + 2 * c.n_kv_heads * hd + 2 * c.dim + 2 * c.hidden_dim)
+    if config.train_norms:
+        n += (2 * c.n_layers + 1) * c.dim
+    if config.bind_dim:
+        h = config.bind_hidden or 4 * c.dim
+        n += config.bind_dim * c.dim + c.dim + config.bind_blocks * (c.dim + 3 * c.dim * h) + c.n_layers
+    if config.visual_query_blocks:
+        n += visual_query_count(base, config)
+    return n
+
+
+def visual_query_count(base: Config, config: AdapterConfig) -> int:
+    """Parameters of `VisualQuery` with N encoder tokens of width d, K queries, width w, B blocks:
+
+    d*w + w + 2w (token projection + norm)  +  N*w (token positions)  +  K*w (queries)
+    + B * (12 w^2 + 13 w)  (per block: 2 LayerNorms 4w, qkv 3w^2+3w, out w^2+w, MLP 8w^2+5w)
+    + w*dim + dim + 2*dim  (output projection + LayerNorm)
+    """
+    w = config.visual_query_dim or base.dim
+    d, N, K = config.visual_token_dim, config.visual_tokens, config.adapter_len
+    blocks = config.visual_query_blocks * (12 * w * w + 13 * w)
+    return d * w + 3 * w + N * w + K * w + blocks + w * base.dim + 3 * base.dim
 
 
 def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -520,157 +610,3 @@ def load_adapter_weights(model: AdaptedLLaMA, path: str | Path) -> None:
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(sd[name].to(p.dtype))
-
-
-# ------------------------------------------------------------------------------------ several adapters
-class AdapterBank(nn.Module):
-    """Several V1 prompt adapters over ONE frozen base; each row of a batch picks its own.
-
-    The base's top attentions are wrapped once (in place, sharing the base weights, exactly as
-    `AdaptedLLaMA` does); the bank itself holds only the adapters' small tensors, stacked:
-    `prompts` [N + 1, L, K, dim] and activated gates `gates` [N + 1, L, n_heads] (the last entry is
-    "no adapter": zero prompts, zero gates). Switching adapters is a gather, never a reload.
-
-        bank = AdapterBank(base)
-        bank.add("alpaca", "runs/alpaca"); bank.add("code", "runs/code")
-        rows = bank.rows(["alpaca", None, "code"])         # LongTensor [B]; -1 = frozen base
-        logits = bank(idx, rows=rows)                       # or: generate(base, prompts, params,
-                                                            #        ctx=bank.prompt_state(rows))
-
-    Shapes across adapters: every adapter must have the same `adapter_len` K (prompt blocks of
-    different lengths cannot share one softmax without a mask; a clear error says so). Different
-    `adapter_layers` are padded, exactly: the bank adapts the top max(L) layers and an adapter with
-    fewer layers gets gate 0 (and zero prompts) in the layers below its own, which adds nothing.
-    Gates are stored activated (`tanh(g)` or `g`), so adapters with different `gate_activation`
-    mix freely. Only text V1 adapters fit: V2 bias/scale, trainable norms and bind networks live in
-    the base modules (one per base, see v2.py) and visual adapters need their projection; use
-    `AdaptedLLaMA` for those.
-    """
-
-    def __init__(self, model: LLaMA) -> None:
-        super().__init__()
-        if isinstance(model, AdaptedLLaMA):
-            model = model.model
-        self.model = model
-        self._names: list[str] = []
-        self.adapter_len: int | None = None
-        self.adapted_layers: list[int] = []
-        c = model.config
-        self.register_buffer("prompts", torch.zeros(1, 0, 0, c.dim), persistent=False)
-        self.register_buffer("gates", torch.zeros(1, 0, c.n_heads), persistent=False)
-
-    @property
-    def config(self) -> Config:
-        return self.model.config
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def index(self, name: str | None) -> int:
-        if name is None:
-            return -1
-        if name not in self._names:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(self._names) or '(none)'}")
-        return self._names.index(name)
-
-    def rows(self, names: list[str | None]) -> torch.Tensor:
-        """Adapter names per row (None = frozen base) -> the LongTensor [B] `prompt_state` takes."""
-        return torch.tensor([self.index(n) for n in names], dtype=torch.long, device=self.prompts.device)
-
-    def add(self, name: str, adapter: str | Path | AdaptedLLaMA) -> None:
-        """Load an adapter directory (`save_adapter` format) or take an `AdaptedLLaMA`'s tensors
-        (it must wrap this bank's base). Converted PEFT / official adapters: see interop.py."""
-        if name in self._names:
-            raise ValueError(f"adapter name {name!r} is already loaded; pick another name")
-        if isinstance(adapter, AdaptedLLaMA):
-            if adapter.model is not self.model:
-                raise ValueError(f"adapter {name!r} wraps a different base model object; load it onto the bank's base")
-            cfg = adapter.adapter_config
-            prompts, raw_gates = adapter.adapter.prompts.detach(), adapter.adapter.gates.detach()
-        else:
-            meta = read_adapter_config(adapter)
-            check_compatible(meta, self.config, where=str(adapter))
-            cfg = AdapterConfig.from_dict(meta["adapter"])
-            cfg.validate(self.config)
-            path = Path(adapter) / ADAPTER_WEIGHTS
-            if not path.is_file():
-                raise ValueError(f"adapter weights {path} not found")
-            sd = load_file(path)
-            want = {
-                "adapter.prompts": (cfg.adapter_layers * cfg.adapter_len, self.config.dim),
-                "adapter.gates": (cfg.adapter_layers, self.config.n_heads),
-            }
-            self._check_v1(name, cfg, extra=sorted(set(sd) - set(want)))
-            for key, shape in want.items():
-                if key not in sd or tuple(sd[key].shape) != shape:
-                    got = list(sd[key].shape) if key in sd else "missing"
-                    raise ValueError(f"{path}: {key} is {got}, expected {list(shape)} for K={cfg.adapter_len}, "
-                                     f"L={cfg.adapter_layers} on this base")  # fmt: skip
-            prompts, raw_gates = sd["adapter.prompts"], sd["adapter.gates"]
-        self._check_v1(name, cfg)
-        if self.adapter_len is not None and cfg.adapter_len != self.adapter_len:
-            raise ValueError(
-                f"adapter {name!r} has adapter_len={cfg.adapter_len}, the bank's adapters have "
-                f"{self.adapter_len}; adapters in one bank need the same prompt length K (use a second bank)"
-            )
-        gates = torch.tanh(raw_gates.float()) if cfg.gate_activation == "tanh" else raw_gates.float()
-        self._append(name, prompts.float().view(cfg.adapter_layers, cfg.adapter_len, -1), gates)
-
-    def _check_v1(self, name: str, cfg: AdapterConfig, extra: list[str] | None = None) -> None:
-        v2 = [f for f in ("bias_scale", "train_norms", "visual_dim", "bind_dim") if getattr(cfg, f, 0)]
-        if v2 or extra:
-            raise ValueError(
-                f"adapter {name!r} is not a text-only V1 prompt adapter ({', '.join(v2) or extra} set); "
-                "V2/bind adapters change base modules and visual adapters need their projection, so they "
-                "cannot share a base in a bank; load them with load_adapter instead"
-            )
-
-    def _append(self, name: str, prompts: torch.Tensor, gates: torch.Tensor) -> None:
-        """prompts [L, K, dim], activated gates [L, n_heads]; grow the stack to max(L) layers."""
-        L, K, dim = prompts.shape
-        n = self.config.n_layers
-        new_l = max(L, len(self.adapted_layers))
-        old = self.prompts.shape[0] - 1  # adapters already stacked (without the "no adapter" entry)
-        old_l = len(self.adapted_layers)
-        dev = self.prompts.device
-        P = torch.zeros(old + 2, new_l, K, dim, device=dev)
-        G = torch.zeros(old + 2, new_l, self.config.n_heads, device=dev)
-        if old:  # existing adapters keep their top rows; new lower layers get gate 0
-            P[:old, new_l - old_l :] = self.prompts[:old].float()
-            G[:old, new_l - old_l :] = self.gates[:old].float()
-        P[old, new_l - L :] = prompts.to(dev)
-        G[old, new_l - L :] = gates.to(dev)
-        self.prompts, self.gates = P.to(self.prompts.dtype), G.to(self.gates.dtype)
-        self.adapter_len = K
-        self._names.append(name)
-        self.adapted_layers = list(range(n - new_l, n))
-        for i in self.adapted_layers:  # wrap once; AdaptedAttention shares the base's projections
-            attn = self.model.layers[i].attention
-            if not isinstance(attn, AdaptedAttention):
-                self.model.layers[i].attention = AdaptedAttention.wrap(attn, i)
-
-    def prompt_state(self, rows: torch.Tensor, precompute: bool = True) -> PromptState:
-        """Per-row prompts [B, K, dim] and gates [B, n_heads] for every adapted layer; row index -1
-        (or an adapter that does not reach a layer) gets gate 0, i.e. the frozen base exactly.
-        `precompute` projects prompt K/V once per adapter (not per row) and gathers them."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.prompts.device)
-        n = len(self._names)
-        if rows.ndim != 1 or bool(((rows < -1) | (rows >= n)).any()):
-            raise ValueError(f"rows must be a 1-D tensor of adapter indices in -1..{n - 1}; got {rows.tolist()}")
-        idx = torch.where(rows < 0, n, rows)  # -1 -> the "no adapter" entry
-        state = PromptState()
-        for j, i in enumerate(self.adapted_layers):
-            gate = self.gates[idx, j]
-            attn = self.model.layers[i].attention
-            if precompute:
-                k, v = attn.prompt_kv(self.prompts[:, j])  # [N + 1, Hkv, K, hd], once per adapter
-                lp = LayerPrompt(self.prompts[idx, j], gate, (k[idx], v[idx]))
-            else:
-                lp = LayerPrompt(self.prompts[idx, j], gate)
-            state.layers[i] = lp
-        return state
-
-    def forward(self, idx: torch.Tensor, *, rows: torch.Tensor, ctx: Any = None, **kwargs: Any) -> torch.Tensor:
-        if ctx is None:
-            ctx = self.prompt_state(rows, precompute=True)
-        return self.model(idx, ctx=ctx, **kwargs)

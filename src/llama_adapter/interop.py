@@ -772,7 +772,7 @@ def merge_bias_scale(model: AdaptedLLaMA, *, allow_bias: bool = False) -> dict[s
         raise ValueError("this adapter has no V2 bias/scale or trained norms to fold (bias_scale and train_norms off)")
     from . import v2
 
-    return v2.fold_bias_scale(model, allow_bias=allow_bias)
+    return v2.fold_bias_scale(model.model, allow_bias=allow_bias)
 
 
 def export_merged(model: AdaptedLLaMA, out_dir: str | Path, *, prompts_out: str | Path | None = None) -> Path:
