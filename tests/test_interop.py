@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, load_adapter, save_adapter
 from llama_adapter.checkpoint import load_model
-from llama_adapter.generate import SamplingParams, generate
 from llama_adapter.interop import (
     base_config,
     convert_adapter,
