@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import FLICKR
 
-from llama_adapter.audio import (
+from llama_adapter.multimodal.audio import (
     EMBED_DIM,
     AisfxEncoder,
     decode_audio,
@@ -64,7 +64,7 @@ def test_encoder_matches_aisfx_own_code():
     from aisfx.preprocessing import spectrogram_normalize
 
     enc = AisfxEncoder.pretrained()
-    from llama_adapter.audio import _numpy_safe_globals
+    from llama_adapter.multimodal.audio import _numpy_safe_globals
 
     with torch.serialization.safe_globals(_numpy_safe_globals()):
         weights, ds = torch.load(ai.get_path_modelWeights(), map_location="cpu", weights_only=True)
@@ -109,7 +109,7 @@ def test_embed_audio_files_caches(tmp_path):
     enc = AisfxEncoder().eval()  # random weights: the cache, not the weights, is under test
     first = embed_audio_files([MP3, MP3_B], tmp_path, encoder=enc, progress=False)
     assert first.shape == (2, EMBED_DIM) and not torch.equal(first[0], first[1])
-    assert len(list(tmp_path.rglob("*.pt"))) == 2
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 2
 
     class Boom(AisfxEncoder):
         def embed_wave(self, *a, **k):

@@ -1,11 +1,11 @@
-"""Binding another modality to the image space (audio.py's ImageBind-style helpers)."""
+"""Binding another modality to the image space (multimodal/bind.py, ImageBind-style)."""
 
 import math
 
 import pytest
 import torch
 
-from llama_adapter.audio import EmbeddingSpace, cache_enhance, recall_at_k, to_sphere, train_bind_projection
+from llama_adapter.multimodal.bind import EmbeddingSpace, cache_enhance, recall_at_k, to_sphere, train_bind_projection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
