@@ -119,6 +119,22 @@ def test_embed_audio_files_caches(tmp_path):
     torch.testing.assert_close(again, first.flip(0), atol=0, rtol=0)
 
 
+@needs_aisfx
+@needs_decoder
+def test_audio_cache_hit_or_miss_leaves_the_same_random_state(tmp_path):
+    # The cause of two same-seed runs of examples/imagebind_audio.py training different adapters:
+    # only a cache miss built the aisfx network, whose random init advanced the global RNG, so the
+    # adapter built next was initialised differently on a cold and on a warm cache.
+    states = []
+    for _ in ("miss", "hit"):
+        torch.manual_seed(0)
+        embed_audio_files([MP3], tmp_path, progress=False)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+    torch.manual_seed(0)
+    assert torch.equal(torch.get_rng_state(), states[0])  # and extraction draws nothing at all
+
+
 def test_decode_errors_name_the_file(tmp_path):
     if not HAS_MINIAUDIO:
         pytest.skip("needs miniaudio")

