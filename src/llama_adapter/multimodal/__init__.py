@@ -48,7 +48,7 @@ from .datasets import (
     load_image_examples,
 )
 from .efficientnet import LITE0_STAGES, TF_EDGE_MEAN, TF_EDGE_STD, EfficientNetLite0, EfficientNetLite0Encoder
-from .embeddings import Embedder, EmbeddingCache, embed_files, in_batches
+from .embeddings import Embedder, EmbeddingCache, embed_files
 from .encoders import ENCODER_NAMES, get_image_encoder, load_image_encoder
 from .features import (
     FeatureCache,
@@ -101,7 +101,6 @@ __all__ = [
     "flickr8k_to_jsonl",
     "get_image_encoder",
     "image_features_for",
-    "in_batches",
     "info_nce",
     "load_any_examples",
     "load_image_encoder",
