@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import Config
-from .model import Attention, LLaMA, sdpa
+from .model import Attention, LLaMA, Positions, sdpa
 from .v2 import BindNetwork, VisualQuery, apply_v2, remove_v2
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -262,19 +262,29 @@ class AdaptedAttention(Attention):
         v = self.wv(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ctx: Any
-    ) -> torch.Tensor:
-        y = sdpa(q, k, v, mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
+        y = super().attend(q, k, v, at, ctx)
         lp = ctx.get(self.layer_idx) if isinstance(ctx, PromptState) else None
         if lp is None:
             return y
         pk, pv = lp.kv if lp.kv is not None else self.prompt_kv(lp.prompt)
-        B = q.shape[0]
-        # Every token sees every prompt: no mask, and a softmax separate from the sequence's.
+        gate = lp.gate.to(y.dtype)
+        B, n, K = q.shape[0], pk.shape[0], pk.shape[2]
+        # Every token sees every prompt: no causal mask, and a softmax separate from the sequence's.
         pmask = None if lp.mask is None else lp.mask[:, None, None, :]
+        if at.packing is not None and n > 1:
+            # Packed rows with per-example prompts (images): each token attends to its own example's
+            # K prompts among all examples' (one masked softmax, no loop), and takes its gate.
+            ex = at.example_of_token  # [B, T]
+            own = ex[:, :, None] == torch.arange(n, device=ex.device).repeat_interleave(K)[None, None]
+            if lp.mask is not None:
+                own = own & lp.mask.reshape(-1)[None, None]
+            flat_k = pk.transpose(0, 1).reshape(1, pk.shape[1], n * K, -1).expand(B, -1, -1, -1)
+            flat_v = pv.transpose(0, 1).reshape(1, pv.shape[1], n * K, -1).expand(B, -1, -1, -1)
+            yp = sdpa(q, flat_k, flat_v, own[:, None], causal=False)
+            return y + gate.expand(n, -1)[ex].permute(0, 2, 1)[..., None] * yp
         yp = sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), pmask, causal=False)
-        return y + lp.gate.to(y.dtype).expand(B, -1)[:, :, None, None] * yp
+        return y + gate.expand(B, -1)[:, :, None, None] * yp
 
 
 class AdaptionPrompt(nn.Module):

@@ -119,15 +119,54 @@ class KVCache:
 
 
 @dataclass
+class Packing:
+    """Several examples per row (packed training): `spans[b]` lists the (start, end) token ranges
+    of the examples in row b, in order; tokens after the last span are padding. Each example sees
+    only itself (block-diagonal causal attention) and its RoPE positions restart at 0. Examples
+    are numbered row by row (example j of the batch), the order per-example tensors such as
+    image prompts follow."""
+
+    spans: list[list[tuple[int, int]]]
+
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """(row, start, end, example) for every example of the batch."""
+        out, j = [], 0
+        for b, row in enumerate(self.spans):
+            for s, e in row:
+                out.append((b, s, e, j))
+                j += 1
+        return out
+
+    @property
+    def n_examples(self) -> int:
+        return sum(len(r) for r in self.spans)
+
+    def positions(self, T: int, device: torch.device | str | None = None) -> torch.Tensor:
+        pos = torch.zeros(len(self.spans), T, dtype=torch.long)
+        for b, s, e, _ in self.segments():
+            pos[b, s:e] = torch.arange(e - s)
+        return pos.to(device)
+
+    def example_of_token(self, T: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """[B, T] example index of every token (padding: 0, whose result nobody reads)."""
+        ex = torch.zeros(len(self.spans), T, dtype=torch.long)
+        for b, s, e, j in self.segments():
+            ex[b, s:e] = j
+        return ex.to(device)
+
+
+@dataclass
 class Positions:
     """Where the tokens of one forward sit, computed once and handed to every layer: RoPE tables,
-    the attention mask (None = plain causal), where K/V go in the cache and how many cached slots
-    the queries read."""
+    the attention mask (None = plain causal), where K/V go in the cache, how many cached slots the
+    queries read, and the example layout of a packed batch."""
 
     rope: tuple[torch.Tensor, torch.Tensor]
     mask: torch.Tensor | None
     start: int | torch.Tensor
     kv_len: int
+    packing: Packing | None = None
+    example_of_token: torch.Tensor | None = None  # [B, T] with packing
 
 
 class Attention(nn.Module):
@@ -149,14 +188,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *at.rope), apply_rope(k, *at.rope)
         if cache is not None:
             k, v = cache.update(at.start, k, v, at.kv_len)
-        y = self.attend(q, k, v, at.mask, ctx)
+        y = self.attend(q, k, v, at, ctx)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ctx: Any
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         """The adapter seam: q [B, H, T, hd], k/v [B, Hkv, S, hd] -> [B, H, T, hd]."""
-        return sdpa(q, k, v, mask)
+        if at.packing is None:
+            return sdpa(q, k, v, at.mask)
+        # Block-diagonal causal attention, one example at a time: the work is sum(len^2) rather
+        # than T^2 for a masked full row, and no mask tensor is built.
+        out = q.new_zeros(q.shape)
+        for b, s, e, _ in at.packing.segments():
+            out[b : b + 1, :, s:e] = sdpa(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], None)
+        return out
 
 
 def sdpa(
@@ -189,11 +233,11 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None, ctx: Any) -> torch.Tensor:
-        x = self.inject(x, ctx)
+        x = self.inject(x, at, ctx)
         h = x + self.attention(self.attention_norm(x), at, cache, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def inject(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    def inject(self, x: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         """Block-level seam (ImageBind-style additive injection); the base block adds nothing."""
         return x
 
@@ -228,6 +272,7 @@ class LLaMA(nn.Module):
         hidden_only: bool = False,
         last_only: bool = False,
         keep: torch.Tensor | None = None,
+        packing: Packing | None = None,
         grad_from: int | None = None,
         checkpoint_activations: bool = False,
     ) -> torch.Tensor:
@@ -240,13 +285,14 @@ class LLaMA(nn.Module):
         can project only the positions that carry a loss.
         last_only / keep: logits of the last position only, or of position keep[b] in row b
         ([B, 1, vocab]; prefill of right-padded prompts).
+        packing: several examples per row (training; see `Packing`), without a cache.
         grad_from: first layer whose forward needs autograd (an adapter knows its lowest adapted
         layer); by default the first layer holding a trainable parameter. Layers below it run
         under no_grad, so no backward pass goes through the frozen bottom.
         checkpoint_activations: when training, keep only each block's input for the layers from
         `grad_from` up and recompute the block in the backward pass (less memory, one extra forward).
         """
-        at = self.positions(idx, start, cache is not None)
+        at = self.positions(idx, start, cache is not None, packing)
         x = self.tok_embeddings(idx)
         # Layers with nothing trainable below the first trainable one need no autograd graph.
         first = grad_from if grad_from is not None else self.first_trainable_layer()
@@ -267,9 +313,19 @@ class LLaMA(nn.Module):
         x = self.norm(x)
         return x if hidden_only else self.output(x)
 
-    def positions(self, idx: torch.Tensor, start: int | torch.Tensor, cached: bool) -> Positions:
+    def positions(
+        self, idx: torch.Tensor, start: int | torch.Tensor, cached: bool, packing: Packing | None = None
+    ) -> Positions:
         B, T = idx.shape
         device = idx.device
+        dtype = self.tok_embeddings.weight.dtype
+        if packing is not None:
+            if cached or not isinstance(start, int) or start:
+                raise ValueError("packed rows are for training: no cache and no start offset")
+            if len(packing.spans) != B or any(e > T for row in packing.spans for _, e in row):
+                raise ValueError(f"packing spans do not fit the batch [{B}, {T}]")
+            rope = tuple(t[:, None].to(dtype) for t in rope_cos_sin(self.inv_freq, packing.positions(T, device)))
+            return Positions(rope, None, 0, T, packing, packing.example_of_token(T, device))
         per_row = isinstance(start, torch.Tensor)
         if per_row and T != 1:
             raise ValueError(f"per-row start positions decode one token per row; got {T} tokens")
@@ -292,7 +348,6 @@ class LLaMA(nn.Module):
                 keys = torch.arange(end, device=device)
                 mask = (keys[None, :] <= pos[0][:, None])[None, None]
         # Shaped and cast once here rather than in each of the 2 * n_layers `apply_rope` calls.
-        dtype = self.tok_embeddings.weight.dtype
         rope = tuple(t[:, None].to(dtype) for t in rope_cos_sin(self.inv_freq, pos))
         return Positions(rope, mask, start, end)
 

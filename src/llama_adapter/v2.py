@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import Block, LLaMA, RMSNorm
+from .model import Block, LLaMA, Positions, RMSNorm
 
 LINEAR_NAMES = (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
 
@@ -208,11 +208,13 @@ class BindInjectBlock(Block):
 
     layer_idx: int
 
-    def inject(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    def inject(self, x: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         b = getattr(ctx, "bind", None)
         if b is None:
             return x
         g = torch.tanh(self.adapter_bind_gate).to(x.dtype)
+        if at.packing is not None and b.shape[0] > 1:
+            return x + g * b[at.example_of_token].to(x.dtype)  # each token gets its example's token
         return x + g * b[:, None, :].to(x.dtype)
 
 
