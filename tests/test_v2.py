@@ -12,6 +12,7 @@ from llama_adapter.adapter import (
     save_adapter,
     v2_trainable_count,
 )
+from llama_adapter.config import v2_trainable_count
 from llama_adapter.model import LLaMA
 from llama_adapter.v2 import (
     AdapterRMSNorm,
