@@ -10,7 +10,6 @@ from llama_adapter.adapter import (
     load_adapter,
     param_groups,
     save_adapter,
-    v2_trainable_count,
 )
 from llama_adapter.config import v2_trainable_count
 from llama_adapter.model import LLaMA
