@@ -329,6 +329,8 @@ class LLaMA(nn.Module):
         per_row = isinstance(start, torch.Tensor)
         if per_row and T != 1:
             raise ValueError(f"per-row start positions decode one token per row; got {T} tokens")
+        if per_row and not bool((start != start[0]).any()):
+            start, per_row = int(start[0]), False  # rows in step: plain slices, no mask, no scatter
         end = (int(start.max()) if per_row else start) + T
         if end > self.config.max_seq_len:
             raise ValueError(
@@ -339,8 +341,7 @@ class LLaMA(nn.Module):
         if per_row:
             pos = start[:, None]
             # Each row sees the cached slots up to its own position; the rest belong to longer rows.
-            if bool((start != start[0]).any()):
-                mask = (torch.arange(end, device=device)[None, :] <= start[:, None])[:, None, None]
+            mask = (torch.arange(end, device=device)[None, :] <= start[:, None])[:, None, None]
         else:
             pos = torch.arange(start, end, device=device)[None, :]
             if T > 1 and cached and start > 0:
