@@ -56,14 +56,14 @@ def stories260k() -> tuple[LLaMA, Any]:
     return model.eval(), load_tokenizer(model.config.extra["tokenizer"])
 
 
-def serve_engine(adapters: bool = True, **kw: Any) -> Any:
+def serve_stack(adapters: bool = True) -> Any:
     """stories260k plus two adapters with non-zero gates: 'tiny' (text) and 'vis' (multimodal,
     the random clip-tiny encoder), so adapters visibly change what the model says."""
     from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
-    from llama_adapter.serve import Engine
+    from llama_adapter.loading import LoadedAdapter, Stack
 
     model, tok = stories260k()
-    ads, enc = {}, {}
+    stack = Stack(model, tok, "plain", "stories260k")
     if adapters:
         torch.manual_seed(0)
         tiny = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=2))
@@ -74,12 +74,17 @@ def serve_engine(adapters: bool = True, **kw: Any) -> Any:
             for a in (tiny, vis):
                 a.adapter.gates.uniform_(0.5, 1.0)
             vis.adapter_visual.fc2.weight.mul_(20.0)  # make the (random) image features matter
-        ads = {"tiny": tiny, "vis": vis}
-        from llama_adapter.multimodal import image_features_for
+        for name, a in (("tiny", tiny), ("vis", vis)):
+            stack.adapters[name] = LoadedAdapter(name, a.eval(), {}, "plain", "")
+    return stack
 
-        enc = {"vis": lambda images: image_features_for(vis, images)}
+
+def serve_engine(adapters: bool = True, **kw: Any) -> Any:
+    """A `serve.Scheduler` over `serve_stack` (not started)."""
+    from llama_adapter.serve import Scheduler
+
     kw.setdefault("max_batch", 4)
-    return Engine(model, tok, name="stories260k", adapters=ads, image_encoders=enc, **kw)
+    return Scheduler(serve_stack(adapters), **kw)
 
 
 def wait_for(cond: Any, timeout: float = 20.0, what: str = "condition") -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import STORIES, fuzz_file, fuzz_json, tiny_llama
 from safetensors.torch import save_file
 
-from llama_adapter.adapter import AdaptedLLaMA, AdapterBank, AdapterConfig, load_adapter, save_adapter
+from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, load_adapter, save_adapter
 from llama_adapter.checkpoint import load_model
 from llama_adapter.generate import SamplingParams, generate
 from llama_adapter.interop import (
@@ -338,85 +338,6 @@ def test_peft_parity_export(hf_base, tmp_path):
     idx = torch.randint(0, 61, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(pm(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------------- several adapters
-@pytest.fixture
-def bank_setup(tmp_path):
-    base = tiny_llama(n_layers=4, std=0.1, frozen=True)
-    a = random_adapter(base, L=2, K=3, act="tanh", seed=1)
-    save_adapter(a, tmp_path / "a")
-    b = random_adapter(base, L=3, K=3, act="identity", seed=2)  # more layers: padded with gate 0 in the bank
-    save_adapter(b, tmp_path / "b")
-    b.detach_base()
-    return base, tmp_path
-
-
-@pytest.mark.parametrize("order", [("b", "a"), ("a", "b")])  # L=3 then L=2 (padded below) and the reverse
-def test_bank_rows_match_single_adapters(bank_setup, order):
-    base, d = bank_setup
-    ptrs = {k: v.data_ptr() for k, v in base.state_dict().items()}
-    bank = AdapterBank(base)
-    for name in order:
-        bank.add(name, d / name)
-    assert bank.names() == list(order) and bank.model is base
-    idx = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(5))
-    names = ["a", "b", None, "a"]
-    with torch.no_grad():
-        got = bank(idx, rows=bank.rows(names))
-        got_noprecompute = base(idx, ctx=bank.prompt_state(bank.rows(names), precompute=False))
-        for r, name in enumerate(names):
-            if name is None:
-                want = base(idx[r : r + 1], ctx=None)
-            else:
-                single = load_adapter(base, d / name)
-                want = single(idx[r : r + 1])
-            torch.testing.assert_close(got[r : r + 1], want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(got, got_noprecompute, atol=1e-6, rtol=1e-6)
-    # one base: no base tensor was copied or re-allocated, the bank holds only the adapters' tensors
-    assert {k: v.data_ptr() for k, v in base.state_dict().items()} == ptrs
-    assert sum(isinstance(m, LLaMA) for m in bank.modules()) == 1
-    assert bank.prompts.numel() + bank.gates.numel() == 3 * 3 * (3 * 32 + 4)  # (N + 1) x L_max x (K*dim + H)
-
-
-def test_bank_generate_per_row(bank_setup):
-    base, d = bank_setup
-    bank = AdapterBank(base)
-    bank.add("a", d / "a")
-    bank.add("b", d / "b")
-    prompts = [[1, 5, 9, 2], [7, 3], [4, 4, 8], [11, 12, 13, 14, 15]]
-    names = ["b", None, "a", "b"]
-    params = SamplingParams(max_new_tokens=6)
-    got = generate(base, prompts, params, ctx=bank.prompt_state(bank.rows(names)))
-    ptrs = [p.data_ptr() for p in base.parameters()]
-    for p, name, out in zip(prompts, names, got):
-        model = base if name is None else load_adapter(base, d / name)
-        assert generate(model, [p], params) == [out]
-    assert [p.data_ptr() for p in base.parameters()] == ptrs
-
-
-def test_bank_errors(bank_setup, tmp_path):
-    base, d = bank_setup
-    bank = AdapterBank(base)
-    bank.add("a", d / "a")
-    with pytest.raises(ValueError, match="already loaded"):
-        bank.add("a", d / "b")
-    k5 = random_adapter(base, L=2, K=5)
-    save_adapter(k5, tmp_path / "k5")
-    with pytest.raises(ValueError, match="same prompt length K"):
-        bank.add("k5", tmp_path / "k5")
-    with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
-        bank.rows(["zzz"])
-    with pytest.raises(ValueError, match="indices in -1..0"):
-        bank.prompt_state(torch.tensor([3]))
-    other = tiny_llama(n_layers=3, std=0.1, frozen=True)
-    v2 = AdaptedLLaMA(other, AdapterConfig(adapter_len=3, adapter_layers=2, bias_scale=True))
-    save_adapter(v2, tmp_path / "v2")
-    v2.detach_base()
-    with pytest.raises(ValueError, match="n_layers"):
-        bank.add("v2", tmp_path / "v2")  # another base
-    with pytest.raises(ValueError, match="not a text-only V1"):
-        AdapterBank(other).add("v2", tmp_path / "v2")
 
 
 # ------------------------------------------------------------------------------------ inspect and list

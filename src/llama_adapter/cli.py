@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
             "HF directory, Meta directory (default: %(default)s)",
         )
         sp.add_argument("--adapter", help="adapter directory written by `finetune`")
+        sp.add_argument("--tokenizer", help="tokenizer file when none lies next to the weights")
         sp.add_argument("--template", default="auto", help="prompt template: auto, plain, alpaca, chatml")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -239,42 +240,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, template, adapter metadata or None)."""
-    import torch
+def _stack(args: argparse.Namespace, purpose: str):
+    """Base + tokenizer + the --adapter (if any) + template, by the one loader."""
+    from .loading import load_stack
 
-    from .adapter import load_adapter, read_adapter_config
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype=dtype)
-    tok = load_tokenizer(model.config.extra["tokenizer"])
-    template = args.template
-    meta = None
-    if args.adapter:
-        meta = read_adapter_config(args.adapter)
-        model = load_adapter(model, args.adapter)
-        if template == "auto":
-            template = meta.get("template") or "alpaca"
-    if template == "auto":
-        template = "chatml" if getattr(tok, "chat_template", "") == "chatml" else "plain"
-    model.eval()
-    return model, tok, template, meta
+    return load_stack(
+        args.model, args.adapter, dtype=args.dtype, template=args.template, purpose=purpose,
+        tokenizer=getattr(args, "tokenizer", None), image_encoder_weights=getattr(args, "image_encoder_weights", None),
+    )  # fmt: skip
 
 
-def _render(prompt: str, template: str) -> str:
-    from .tokenizer import alpaca_prompt, render_chat
-
-    if template == "plain":
-        return prompt
-    if template == "alpaca":
-        return alpaca_prompt(prompt)
-    return render_chat([{"role": "user", "content": prompt}], template, add_generation_prompt=True)
+def _adapter_name(stack) -> str | None:
+    return next(iter(stack.adapters), None)
 
 
 def _params(args: argparse.Namespace):
-    from .generate import SamplingParams
+    from .sampling import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -285,54 +266,6 @@ def _params(args: argparse.Namespace):
         stop=list(args.stop),
         seed=args.seed,
     )
-
-
-class _Images:
-    """Image plumbing shared by generate and chat: checks that the model takes images and finds
-    the encoder weights (flag, else the adapter's metadata) only when an image is actually used,
-    so a text-only run never needs the encoder checkpoint."""
-
-    def __init__(self, model, args: argparse.Namespace, meta: dict | None) -> None:
-        self.model, self.args, self.meta = model, args, meta
-        self._weights: tuple[str | None] | None = None
-
-    def check_can_take_images(self) -> None:
-        from .adapter import AdaptedLLaMA
-
-        if not isinstance(self.model, AdaptedLLaMA):
-            raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
-        if not self.model.adapter_config.visual_dim:
-            raise ValueError(
-                f"the adapter {self.args.adapter} is text-only (trained without --image-encoder); "
-                "drop the image or use a multimodal adapter"
-            )
-
-    def weights(self) -> str | None:
-        from .generate import encoder_weights
-
-        if self._weights is None:
-            self._weights = (encoder_weights(self.args.adapter, self.meta, self.args.image_encoder_weights),)
-        return self._weights[0]
-
-    def features(self, path: str):
-        """[1, visual_dim] for one image file (one-line errors: missing, not an image, ...)."""
-        from .multimodal import image_features_for, open_image
-
-        self.check_can_take_images()
-        image = open_image(path)  # names the file in its error, before the encoder is loaded
-        return image_features_for(self.model, [image], weights=self.weights())
-
-    def state(self, images: list[str | None]):
-        """Prompt state for rows that each have an image path or None."""
-        from .generate import image_prompt_state
-        from .multimodal import open_image
-
-        if any(im is not None for im in images):
-            self.check_can_take_images()
-            # Open every file first, so a bad one fails before any work and names itself.
-            opened = [None if im is None else open_image(im) for im in images]
-            return image_prompt_state(self.model, opened, weights=self.weights())
-        return image_prompt_state(self.model, images)
 
 
 _NO_IMAGE = ("none", "-")
@@ -385,12 +318,38 @@ def _generate_rows(args: argparse.Namespace) -> tuple[list[str], list[str | None
     return prompts, images, False
 
 
+def _open_images(stack, name: str | None, images: list[str | None]) -> list:
+    """Check that the model takes images, then open every file (a bad one fails before any work
+    and names itself)."""
+    from .multimodal import open_image
+
+    if any(im is not None for im in images):
+        a = stack.adapter(name)
+        if a is None:
+            raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
+        if not a.multimodal:
+            raise ValueError(
+                f"the adapter {a.path} is text-only (trained without --image-encoder); "
+                "drop the image or use a multimodal adapter"
+            )
+    return [None if im is None else open_image(im) for im in images]
+
+
+def _note_clamped(rows, context: int) -> None:
+    for r in rows:
+        if r.max_new < r.params.max_new_tokens and r.finish == "length":
+            print(
+                f"note: row {r.tag}: --max-new-tokens {r.params.max_new_tokens} was shortened to {r.max_new} "
+                f"to fit the model's context ({context} tokens with the {len(r.prompt_ids)}-token prompt)",
+                file=sys.stderr,
+            )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
-    from .generate import generate_text
+    from .generate import encode_prompts, make_rows, run_rows, stop_ids_of
+    from .loading import render_prompt
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
@@ -398,58 +357,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, im in enumerate(images):  # before loading anything, and before any batch is printed
         if im is not None and not Path(im).is_file():
             raise ValueError(f"image {im} (row {i}) not found; check the path")
-    model, tok, template, meta = _load(args)
-    imgs = _Images(model, args, meta)
-    texts = [_render(p, template) for p in prompts]
-    params = _params(args)
-    with torch.inference_mode():
-        if len(texts) == 1 and not from_file:
-
-            def on_text(row: int, delta: str) -> None:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-
-            ctx = imgs.state(images)
-            generate_text(model, tok, texts, params, ctx=ctx, on_text=on_text, compile=args.compile)
-            sys.stdout.write("\n")
-            return 0
-        for s in range(0, len(texts), args.batch_size):
-            sl = slice(s, s + args.batch_size)
-            ctx = imgs.state(images[sl])
-            outs = generate_text(model, tok, texts[sl], params, ctx=ctx, compile=args.compile)
-            for i, o in enumerate(outs, start=s):
-                if from_file:
-                    print(json.dumps({"prompt": prompts[i], "image": images[i], "output": o}, ensure_ascii=False))
-                else:
-                    tag = f" [image {images[i]}]" if images[i] else ""
-                    print(f"--- [{i}]{tag} {prompts[i]}\n{o}")
-                sys.stdout.flush()
+    stack = _stack(args, "complete")
+    name = _adapter_name(stack)
+    opened = _open_images(stack, name, images)
+    tok, params = stack.tokenizer, _params(args)
+    ids = encode_prompts(tok, [render_prompt(p, stack.template_of(name)) for p in prompts])
+    model = stack.only()
+    stream = len(prompts) == 1 and not from_file
+    for s in range(0, len(ids), args.batch_size):
+        sl = slice(s, s + args.batch_size)
+        ctx = stack.batch_prompt(name, opened[sl])
+        rows = make_rows(ids[sl], params, stop_ids=stop_ids_of(tok), ctx=ctx, tokenizer=tok)
+        for r in rows:
+            r.tag += s
+            if stream:
+                r.on_text = lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
+        run_rows(model, rows, compile=args.compile)
+        _note_clamped(rows, stack.model.config.max_seq_len)
+        for r in rows:
+            i = r.tag
+            if stream:
+                sys.stdout.write("\n")
+            elif from_file:
+                print(json.dumps({"prompt": prompts[i], "image": images[i], "output": r.text}, ensure_ascii=False))
+            else:
+                tag = f" [image {images[i]}]" if images[i] else ""
+                print(f"--- [{i}]{tag} {prompts[i]}\n{r.text}")
+            sys.stdout.flush()
     return 0
 
 
-CHAT_HELP = (
-    "commands: /image PATH  attach an image (it conditions the whole conversation from the next turn on)\n"
-    "          /image none  detach it\n"
-    "          /reset       forget the conversation (the image stays)\n"
-    "          /help        this text; an empty line or Ctrl-D quits"
-)
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    import torch
+    from .chat import ChatSession
 
-    from .generate import generate_text, image_prompt_state
-    from .tokenizer import render_chat
-
-    model, tok, template, meta = _load(args)
-    imgs = _Images(model, args, meta)
-    image: str | None = None
-    feats = None
+    stack = _stack(args, "chat")
+    name = _adapter_name(stack)
+    session = ChatSession(stack, name, _params(args), compile=args.compile)
     if args.image:  # errors here end the command (exit 2): the user asked for this image up front
-        feats, image = imgs.features(args.image), args.image
-    history: list[dict[str, str]] = []
-    what = f"{args.model}{' + ' + args.adapter if args.adapter else ''}{' + image ' + image if image else ''}"
-    print(f"chat with {what} (empty line quits, /help for commands)", file=sys.stderr)
+        _open_images(stack, name, [args.image])
+        session.set_image(args.image)
+    image = f" + image {args.image}" if args.image else ""
+    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''}{image} (empty line quits, "
+          "/help for commands)", file=sys.stderr)  # fmt: skip
     while True:
         try:
             line = input("> ")
@@ -457,40 +406,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not line.strip():
             break
-        cmd, _, rest = line.strip().partition(" ")
-        if cmd in ("/image", "/reset", "/help"):
-            rest = rest.strip()
-            if cmd == "/help":
-                print(CHAT_HELP, file=sys.stderr)
-            elif cmd == "/reset":
-                history.clear()
-                print("(conversation cleared)", file=sys.stderr)
-            elif not rest:
-                print(f"(image: {image or 'none'}; /image PATH attaches one, /image none detaches it)", file=sys.stderr)
-            elif rest.lower() in _NO_IMAGE:
-                feats = image = None
-                print("(image detached)", file=sys.stderr)
-            else:
-                try:  # a bad path is a typo to fix, not a reason to lose the conversation
-                    feats, image = imgs.features(rest), rest
-                    print(f"(image attached: {image})", file=sys.stderr)
-                except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-                    print(f"error: {e}", file=sys.stderr)
+        try:  # a bad path is a typo to fix, not a reason to lose the conversation
+            shown = session.command(line)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        text = render_chat(history, "chatml" if template == "plain" else template, add_generation_prompt=True)
-        chunks: list[str] = []
-
-        def on_text(row: int, delta: str, chunks: list[str] = chunks) -> None:
-            chunks.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-
-        with torch.inference_mode():
-            ctx = image_prompt_state(model, [image], features=feats)
-            generate_text(model, tok, [text], _params(args), ctx=ctx, on_text=on_text, compile=args.compile)
+        if shown is not None:
+            print(shown, file=sys.stderr)
+            continue
+        session.reply(line, on_text=lambda delta: (sys.stdout.write(delta), sys.stdout.flush()))
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(chunks)})
     return 0
 
 

@@ -42,6 +42,9 @@ from typing import Any
 
 import torch
 
+from .generate import SamplingParams, generate_text
+from .loading import encoder_weights, load_stack, resolve_template
+
 log = logging.getLogger("llama_adapter.evaluate")
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -521,30 +524,11 @@ def guess_format(args: EvalArgs) -> str:
     return "jsonl"
 
 
-def resolve_template(template: str, tok: Any, adapter_meta: dict | None, task: str) -> str:
-    if template != "auto":
-        return template
-    if adapter_meta and adapter_meta.get("template"):
-        return adapter_meta["template"]
-    chat = getattr(tok, "chat_template", None)
-    if task == "loss":
-        return chat or "alpaca"  # as `finetune` picks it
-    return "chatml" if chat == "chatml" else "plain"
-
-
 def load_for_eval(spec: str, adapter: str | None, dtype: str = "float32") -> tuple[Any, Any, dict | None]:
-    from .adapter import load_adapter, read_adapter_config
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
-    model = load_model(spec, dtype=getattr(torch, dtype))
-    tok = load_tokenizer(model.config.extra["tokenizer"])
-    meta = None
-    if adapter:
-        meta = read_adapter_config(adapter)
-        model = load_adapter(model, adapter)
-    model.eval()
-    return model, tok, meta
+    """(model, tokenizer, adapter metadata or None) through the one loader."""
+    stack = load_stack(spec, adapter, dtype=dtype)
+    a = next(iter(stack.adapters.values()), None)
+    return stack.only(), stack.tokenizer, None if a is None else a.meta
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -664,8 +648,6 @@ def eval_mc(
 
 
 def _generate(model: Any, tok: Any, texts: list[str], max_new_tokens: int, make_ctx: Any) -> list[str]:
-    from .generate import SamplingParams, generate_text
-
     ctx = None
     if make_ctx is not None:
         ctx = make_ctx(list(range(len(texts))))
@@ -728,11 +710,9 @@ def run(args: EvalArgs, model: Any = None, tok: Any = None, adapter_meta: dict |
         examples = load_examples(_need(args.data, "alpaca"))[: args.limit]
     if model is None:
         model, tok, adapter_meta = load_for_eval(args.model, args.adapter, args.dtype)
-    template = resolve_template(args.template, tok, adapter_meta, args.task)
+    template = resolve_template(args.template, tok, adapter_meta, "instruct" if args.task == "loss" else "complete")
     weights = None
     if args.task == "mc" and getattr(getattr(model, "adapter_config", None), "visual_dim", 0):
-        from .generate import encoder_weights
-
         # The checkpoint the adapter was trained with (recorded by finetune), unless overridden.
         weights = encoder_weights(args.adapter, adapter_meta, args.image_encoder_weights)
     t0 = time.perf_counter()

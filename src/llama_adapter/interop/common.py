@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from .. import checkpoint
-from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLLaMA, AdapterConfig
-from ..config import Config
+from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdaptedLLaMA
+from ..config import AdapterConfig, Config
 from ..model import LLaMA
 
 OURS = "llama-adapter"

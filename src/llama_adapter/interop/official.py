@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from .. import checkpoint
-from ..adapter import AdapterConfig, _atomic_write
-from ..config import Config
+from ..adapter import _atomic_write
+from ..config import AdapterConfig, Config
 from ..model import LLaMA
 from .common import OFFICIAL_DEFAULT_LEN, OFFICIAL_GATE, OFFICIAL_QUERY, PromptTensors, base_config, require_v1_text
 

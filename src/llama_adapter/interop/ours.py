@@ -9,8 +9,8 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .. import checkpoint
-from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, AdapterConfig, _atomic_write, read_adapter_config
-from ..config import Config
+from ..adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, _atomic_write, read_adapter_config
+from ..config import AdapterConfig, Config
 from .common import OURS, PromptTensors, require_v1_text
 
 

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from .. import checkpoint
-from ..adapter import AdapterConfig, _atomic_write
-from ..config import Config
+from ..adapter import _atomic_write
+from ..config import AdapterConfig, Config
 from ..model import LLaMA
 from .common import (
     PEFT_CONFIG,
