@@ -83,7 +83,7 @@ def test_sentencepiece_known_ids_and_roundtrip(spm, sp_raw):
     assert (spm.bos_id, spm.eos_id, spm.vocab_size, spm.pad_id) == (1, 2, 32000, 2)
     assert spm.encode("Hello world", bos=True) == [1, 15043, 3186]
     assert spm.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
-    assert spm.chat_template == "alpaca" and spm.add_bos and spm.stop_ids == {2}
+    assert spm.chat_template is None and spm.add_bos and spm.stop_ids == {2}
     for s in TEXTS:
         ids = spm.encode(s)
         assert ids == sp_raw.encode(s)
@@ -224,7 +224,7 @@ def test_hf_tokenizer_json_trained_bpe(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     t = load_tokenizer(tmp_path / "tokenizer.json")
     assert (t.bos_id, t.eos_id, t.pad_id) == (0, 1, 1)
-    assert t.stop_ids == {1, 2} and t.chat_template == "alpaca"
+    assert t.stop_ids == {1, 2} and t.chat_template is None
     for s in TEXTS:
         assert t.decode(t.encode(s, bos=True, eos=True)) == s
     assert t.encode("hi<|im_end|>")[-1] == 2
@@ -451,7 +451,7 @@ def test_export_tokenizer_for_a_model_directory(tiny_files, smollm, tmp_path):
         assert export_tokenizer(src, out) == files
         again = load_tokenizer(out / files[0] if files[0] != "tokenizer.json" else out)
         assert (again.bos_id, again.eos_id, again.add_bos, again.chat_template) == (
-            tok.bos_id, tok.eos_id, tok.add_bos, tok.chat_template if files[0] != "tokenizer.bin" else "alpaca",
+            tok.bos_id, tok.eos_id, tok.add_bos, tok.chat_template if files[0] != "tokenizer.bin" else None,
         )  # fmt: skip
         for text in [*TEXTS, STREAM_TEXT]:
             assert again.encode(text) == tok.encode(text)

@@ -49,7 +49,7 @@ def resolve_template(
     if adapter_meta is not None:
         return adapter_meta.get("template") or "alpaca"
     chat = getattr(tokenizer, "chat_template", None)
-    if chat and chat != "alpaca":  # tokenizers whose file declares no chat template report "alpaca"
+    if chat:
         return chat
     return {"complete": "plain", "instruct": "alpaca", "chat": "chatml"}[purpose]
 

@@ -51,7 +51,7 @@ class Tokenizer:
     pad_id: int = 0
     vocab_size: int = 0
     add_bos: bool = True  # whether prompts for this model start with BOS
-    chat_template: str = "alpaca"  # name of the default template (see `render_chat`)
+    chat_template: str | None = None  # the chat template the file declares (see `render_chat`), if any
     special_ids: frozenset[int] = frozenset()  # ids that `decode` skips
     path: str = ""
 

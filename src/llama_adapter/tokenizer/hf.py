@@ -24,7 +24,7 @@ class HFTokenizer(Tokenizer):
         eos_id: int | None,
         pad_id: int | None = None,
         add_bos: bool = False,
-        chat_template: str = "alpaca",
+        chat_template: str | None = None,
         path: str = "",
     ):
         self.tok = tok
@@ -47,9 +47,10 @@ class HFTokenizer(Tokenizer):
         return self.tok.token_to_id(token)
 
 
-def template_name(jinja: str | None) -> str:
-    """The prompt template (see `render_chat`) a tokenizer's jinja chat template asks for."""
-    return "chatml" if chat_template_name(jinja) == "chatml" else "alpaca"
+def template_name(jinja: str | None) -> str | None:
+    """The prompt template (see `render_chat`) a tokenizer's jinja chat template asks for; None when
+    the file declares none we can render (the loader then picks one by purpose)."""
+    return "chatml" if chat_template_name(jinja) == "chatml" else None
 
 
 def _configs(directory: Path) -> dict[str, Any]:
