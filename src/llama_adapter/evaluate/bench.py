@@ -149,7 +149,8 @@ def bench_table(report: dict[str, Any]) -> list[str]:
             for g, v in d.items():
                 name = g if key == "subtask" else f"{key}={g}"
                 lines.append(f"{name:<22}{v['n']:>6}{_pct(v['accuracy']):>11}{_pct(v['control_accuracy']):>11}")
-        lines.append("no-text: the same question about the photo without its text (right answers there are guesses)")
+        if report["control_accuracy"] is not None:
+            lines.append("no-text: the same question about the photo without its text (right answers there are guesses)")
         return lines
     lines = [f"{'subtask':<12}{'images':>8}{'questions':>11}{'acc':>8}{'acc+':>8}{'score':>8}"]
     for name, v in report["subtasks"].items():
