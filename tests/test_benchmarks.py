@@ -263,6 +263,10 @@ def test_cli_data_and_evaluate(tmp_path, capsys, photos, stories260k):
     out = capsys.readouterr().out
     assert "total perception score" in out and "existence" in out and "count" in out
 
+    # A folder instead of the file: one line that names the file to give.
+    assert main(["evaluate", "--task", "ocr", "--data", str(ocr_dir), *common]) == 2
+    assert "is a folder; give the data file itself (e.g." in capsys.readouterr().err
+
     # Text-only (the base model): allowed, and the table says what the numbers mean.
     assert main(["evaluate", "--task", "ocr", "--data", ocr_test, *common]) == 0
     assert "text prior" in capsys.readouterr().out

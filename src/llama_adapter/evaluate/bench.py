@@ -14,19 +14,16 @@ the scores are then its text prior, and the table says so.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..adapter import PromptState
 from ..metrics import mme_scores, mme_yes_no, vqa_accuracy
 from ..tokenizer import render_chat
 from .bench_data import GROUP_KEYS, BenchItem
 from .items import bar
-from .model_io import greedy_answers
-
-Prompts = Callable[[list[Any]], PromptState | None]
+from .model_io import Prompts, greedy_answers
 
 
 def question_prompt(question: str, template: str) -> str:
@@ -150,7 +147,7 @@ def bench_table(report: dict[str, Any]) -> list[str]:
                 name = g if key == "subtask" else f"{key}={g}"
                 lines.append(f"{name:<22}{v['n']:>6}{_pct(v['accuracy']):>11}{_pct(v['control_accuracy']):>11}")
         if report["control_accuracy"] is not None:
-            lines.append("no-text: the same question about the photo without its text (right answers there are guesses)")
+            lines.append("no-text: the same question about the photo without its text (right answers are guesses)")
         return lines
     lines = [f"{'subtask':<12}{'images':>8}{'questions':>11}{'acc':>8}{'acc+':>8}{'score':>8}"]
     for name, v in report["subtasks"].items():

@@ -79,6 +79,9 @@ def need_file(path: str | Path | None, what: str) -> Path:
     if not path:
         raise ValueError(f"{what} needs --data")
     p = Path(path)
+    if p.is_dir():
+        hint = next((f" (e.g. {f})" for f in sorted(p.glob("*.json*"))), "")
+        raise ValueError(f"--data {p} is a folder; give the data file itself{hint}")
     if not p.is_file():
         raise FileNotFoundError(f"evaluation file not found: {p}")
     return p

@@ -30,10 +30,9 @@ from ..loading import image_prompt_state
 from ..tokenizer import alpaca_prompt, render_chat
 from .items import bar
 from .mc_data import LETTERS, MCItem
-from .model_io import greedy_answers, prompt_ids, token_logprobs
+from .model_io import Prompts, greedy_answers, prompt_ids, token_logprobs
 
 ANSWER_PREFIX = "The answer is"
-Prompts = Callable[[list[Any]], PromptState | None]  # images (path or None per row) -> batch prompt state
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import easy_vqa  # a declared dependency (pyproject); importing it reads nothing yet
+
 from .items import BadItem, Items, collect, jsonl_lines, need_file, resolve_image
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -208,10 +210,6 @@ def easyvqa_kind(answer: str) -> str:
 
 def load_easyvqa(split: str = "test", *, candidates: str = "kind", limit: int | None = None) -> Items[MCItem]:
     """easy-VQA questions as image multiple choice (see the module docstring for `candidates`)."""
-    try:
-        import easy_vqa  # a data package, needed only here (not a cycle: it imports nothing of ours)
-    except ImportError as e:
-        raise ValueError("easy-VQA comes from a pip package: `pip install easy-vqa==1.0`") from e
     if split not in ("train", "test"):
         raise ValueError(f"easy-VQA split {split!r}: choose train or test")
     if candidates not in ("all", "kind"):

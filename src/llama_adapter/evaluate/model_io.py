@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 
 from ..adapter import AdaptedLLaMA, PromptState
 from ..generate import SamplingParams, generate_text
+
+# images (a path, PIL image or None per row) -> that batch's prompt state (`Stack.batch_prompt`)
+Prompts = Callable[[list[Any]], PromptState | None]
 
 
 def output_head(model: nn.Module) -> nn.Module:

@@ -22,8 +22,9 @@ from .bench import bench_table, eval_bench
 from .bench_data import load_bench
 from .items import need_file
 from .loss import eval_loss
-from .mc import Prompts, eval_mc
+from .mc import eval_mc
 from .mc_data import load_mc
+from .model_io import Prompts
 
 TASKS = ("loss", "mc", "ocr", "mme")
 FORMATS = ("alpaca", "scienceqa", "easyvqa", "jsonl")
