@@ -21,7 +21,15 @@ EXAMPLES = {
     "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/sqa --task mc --format scienceqa "
     "--data ScienceQA/data/scienceqa --split val --images ScienceQA/images --report sqa.json\n"
     "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/vqa --task mc --format easyvqa --limit 200\n"
-    "  llama-adapter evaluate --model stories260k --task mc --data mc.jsonl --method generate --skip-bad",
+    "  llama-adapter evaluate --model stories260k --task mc --data mc.jsonl --method generate --skip-bad\n"
+    "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/ocr --task ocr --data bench/ocr/test.jsonl "
+    "--report ocr.json\n"
+    "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/mme --task mme --data bench/mme/test.jsonl",
+    "data": "llama-adapter data make-ocr --out bench/ocr --n-train 1000 --n-test 200 --seed 0\n"
+    "  llama-adapter data make-mme --out bench/mme --n-train 1000 --n-test 250\n"
+    "  # the same files train an adapter:\n"
+    "  llama-adapter finetune --model smollm2-135m-instruct --data bench/ocr/train.jsonl "
+    "--image-encoder efficientnet-lite0 --out runs/ocr",
     "generate": "llama-adapter generate --model smollm2-135m-instruct --prompt 'Name three primary colours.'\n"
     "  llama-adapter generate --model stories260k --template plain --prompt 'Once upon a time'\n"
     "  llama-adapter generate --model smollm2-135m-instruct --adapter runs/alpaca --prompt 'Give me a tip.'\n"
@@ -161,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     from .serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(cmd("serve", "OpenAI-compatible HTTP API (streaming, several adapters, images) + web chat."))
-    _evaluate_args(cmd("evaluate", "Held-out loss/perplexity or multiple-choice accuracy (JSON report + table)."))
+    _evaluate_args(cmd("evaluate", "Held-out loss/perplexity, multiple choice, OCR / MME (JSON report + table)."))
+    _data_args(cmd("data", "Generate benchmark data: a TextVQA-style OCR set, an MME-style perception set."))
     return p
 
 
@@ -184,8 +193,17 @@ def _field_comments(cls: type) -> dict[str, str]:
 def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="smollm2-135m-instruct", help="base model spec (as for generate)")
     e.add_argument("--adapter", help="adapter directory written by `finetune`")
-    e.add_argument("--task", choices=["loss", "mc"], required=True, help="loss: loss + perplexity; mc: accuracy")
-    e.add_argument("--data", help="instruction data (loss); problems.json or its folder (scienceqa); JSONL (jsonl)")
+    e.add_argument(
+        "--task",
+        choices=["loss", "mc", "ocr", "mme"],
+        required=True,
+        help="loss: loss + perplexity; mc: accuracy; ocr: VQA accuracy (data make-ocr files); "
+        "mme: acc / acc+ / score (data make-mme files)",
+    )
+    e.add_argument(
+        "--data",
+        help="instruction data (loss); problems.json or its folder (scienceqa); JSONL (jsonl, ocr, mme)",
+    )
     e.add_argument(
         "--format",
         choices=["alpaca", "scienceqa", "easyvqa", "jsonl"],
@@ -212,7 +230,8 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, help="first N items")
     e.add_argument("--batch-size", type=int, default=8, help="questions (mc) or examples (loss) per forward")
     e.add_argument("--max-len", type=int, default=512, help="loss: tokens per example")
-    e.add_argument("--max-new-tokens", type=int, default=8, help="generate: tokens to decode per answer")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="generate, ocr, mme: tokens to decode per answer")
+    e.add_argument("--no-controls", action="store_true", help="ocr: skip the no-text control photos (half the time)")
     e.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -221,6 +240,25 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
         "--image-encoder-weights",
         help="image encoder checkpoint for a multimodal adapter (default: the one the adapter recorded at training)",
     )
+
+
+def _data_args(d: argparse.ArgumentParser) -> None:
+    ds = d.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for what, (n_train, n_test), about in (
+        ("make-ocr", (1000, 200), "words and numbers drawn on Flickr8k photos, with no-text controls"),
+        ("make-mme", (1000, 250), "shapes, positions, counts, colours and words; two yes/no questions per image"),
+    ):
+        example = next(line.strip() for line in EXAMPLES["data"].splitlines() if what in line)
+        m = ds.add_parser(
+            what, help=about, description=about, epilog="example:\n  " + example,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        m.add_argument("--out", required=True, help="folder for images/, train.jsonl, test.jsonl and meta.json")
+        m.add_argument("--n-train", type=int, default=n_train, help="training images (default: %(default)s)")
+        m.add_argument("--n-test", type=int, default=n_test, help="test images (default: %(default)s)")
+        m.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
+        m.add_argument("--photos", help="photo folder (default: ../shared/data/flickr8k_1k/images)")
+        m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +503,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalArgs, format_table, run
 
     kw = {f.name: getattr(args, f.name) for f in dc_fields(EvalArgs) if hasattr(args, f.name)}
-    print(format_table(run(EvalArgs(**kw, progress=not args.no_progress))))
+    print(format_table(run(EvalArgs(**kw, progress=not args.no_progress, controls=not args.no_controls))))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .evaluate import make_mme, make_ocr
+
+    make = make_ocr if args.what == "make-ocr" else make_mme
+    kw = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "photos": args.photos}
+    paths = make(args.out, **kw, progress=not args.no_progress)
+    for split, path in paths.items():
+        n = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        print(f"{split}: {path} ({n} questions)")
     return 0
 
 
@@ -534,6 +584,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
+    "data": cmd_data,
 }
 
 if __name__ == "__main__":
