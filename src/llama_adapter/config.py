@@ -34,8 +34,14 @@ class Config:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
-            raise ValueError(f"config {self.name!r}: dim, n_layers and n_heads must be positive")
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+        bad = [
+            f"{k}={getattr(self, k)}" for k in sizes if not (isinstance(getattr(self, k), int) and getattr(self, k) > 0)
+        ]
+        if bad:
+            raise ValueError(
+                f"config {self.name!r}: {', '.join(bad)} must be positive integers; fix the checkpoint's config"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"config {self.name!r}: n_heads={self.n_heads} is not a multiple of "
