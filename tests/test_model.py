@@ -111,3 +111,11 @@ def test_save_hf_loads_in_transformers(pair, tmp_path):
     torch.testing.assert_close(hf_logits(again, ids), hf_logits(hf, ids), atol=1e-6, rtol=0)
     # and back: our loader reads what we wrote
     torch.testing.assert_close(load_model(tmp_path).state_dict()["output.weight"], ours.output.weight)
+
+
+@pytest.mark.parametrize("bad", [dict(n_kv_heads=0), dict(hidden_dim=-1), dict(vocab_size=0), dict(max_seq_len=0)])
+def test_config_sizes_must_be_positive(bad):
+    from llama_adapter.config import Config
+
+    with pytest.raises(ValueError, match="must be positive integers"):
+        Config(**bad)
