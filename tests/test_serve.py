@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -434,3 +435,60 @@ def test_openai_client(live):
         client.chat.completions.create(model="missing", messages=msgs)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="stories260k", messages=msgs, max_tokens=-1)
+
+
+def test_health_answers_while_the_largest_prompt_is_tokenised(live):
+    """Tokenising runs off the event loop: /health answers within 100 ms while the largest prompt
+    the server accepts (by its character bound) is being tokenised, and a 7 MB message (under the
+    body limit) is refused at once, before any tokenising."""
+    import concurrent.futures
+
+    from llama_adapter.serve.http import MAX_CHARS_PER_TOKEN
+
+    e = live.engine
+    biggest = "Once upon a time " * (e.max_prompt_tokens * MAX_CHARS_PER_TOKEN // 17)
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        t = time.perf_counter()
+        r = c.post("/v1/completions", json={"prompt": "x" * (7 << 20), "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert time.perf_counter() - t < 5
+
+        def big():
+            return c.post("/v1/completions", json={"prompt": biggest, "max_tokens": 1})
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(big)
+            time.sleep(0.05)  # the request is in: its body is read, its text being tokenised
+            worst = 0.0
+            while not fut.done():
+                t = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                worst = max(worst, time.perf_counter() - t)
+            assert fut.result().status_code == 400  # far over the token limit, found by tokenising
+    assert worst < 0.1, f"/health took {worst * 1000:.0f} ms while a prompt was tokenised"
+
+
+def test_hundred_disconnects_leave_no_rows_and_no_growing_memory(live):
+    import resource
+
+    e = live.engine
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+    def abandon(n):
+        for _ in range(n):
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            break  # the first token arrived: hang up mid-stream
+
+    abandon(20)  # warm up allocators and caches
+    wait_for(lambda: e.snapshot()["active"] == 0, what="rows to be freed")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cancelled0 = e.snapshot()["cancelled"]
+    abandon(100)
+    wait_for(lambda: e.snapshot()["active"] == 0 and e.snapshot()["queued"] == 0, what="rows to be freed")
+    assert e.snapshot()["cancelled"] - cancelled0 >= 95  # a few may finish before the hang-up lands
+    assert not e.engine.rows
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grown_mb < 50, f"peak RSS grew {grown_mb:.0f} MB over 100 abandoned requests"
