@@ -1,6 +1,6 @@
-"""A conversation with a model: history, an attached image, slash commands. The terminal loop in
-cli.py only reads lines and prints; everything a chat does lives here, so it is testable and the
-server's web page and the CLI agree on what a turn is."""
+"""A conversation with a model: history, an attached input (image, audio, video or point cloud),
+slash commands. The terminal loop in cli.py only reads lines and prints; everything a chat does
+lives here, so it is testable and the server's web page and the CLI agree on what a turn is."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ from typing import Any
 
 from .generate import encode_prompts, make_rows, run_rows, stop_ids_of
 from .loading import Stack
-from .multimodal import open_image
+from .multimodal import MODALITIES, NONE_WORDS, Input, read_input
 from .sampling import SamplingParams
 from .tokenizer import render_chat
 
 CHAT_HELP = (
     "commands: /image PATH  attach an image (it conditions the whole conversation from the next turn on)\n"
-    "          /image none  detach it\n"
-    "          /reset       forget the conversation (the image stays)\n"
+    "          /audio PATH, /video PATH, /points PATH  the same for audio, a video (or frame folder), a point\n"
+    "                       cloud, for an adapter built for them; one input at a time, the last one wins\n"
+    "          /image none  detach it (any of the four)\n"
+    "          /reset       forget the conversation (the input stays)\n"
     "          /help        this text; an empty line or Ctrl-D quits"
 )
-NO_IMAGE = ("none", "-")
+NO_IMAGE = NONE_WORDS
 
 
 class ChatSession:
@@ -28,18 +30,29 @@ class ChatSession:
     def __init__(self, stack: Stack, name: str | None, params: SamplingParams, *, compile: bool = False) -> None:
         self.stack, self.name, self.params, self.compile = stack, name, params, compile
         self.history: list[dict[str, str]] = []
-        self.image: str | None = None
-        self._prompt: Any = None  # the row prompt state, rebuilt when the image changes
+        self.input: Input | None = None
+        self._prompt: Any = None  # the row prompt state, rebuilt when the input changes
         self.template = stack.template_of(name)
         if self.template == "plain":  # a conversation needs turns
             self.template = "chatml"
-        self.set_image(None)
+        self.set_input(None)
+
+    @property
+    def image(self) -> str | None:
+        """The attached image's path (None: no image attached)."""
+        return self.input.source if self.input is not None and self.input.modality == "image" else None
+
+    def set_input(self, modality: str | None, path: str | None = None) -> None:
+        """Attach a file of `modality` (or with None detach the input); ValueError/OSError (naming the
+        file, or the modalities the model takes) leave the previous one attached."""
+        if modality is not None:
+            self.stack.check_input(self.name, modality)  # before reading: a wrong kind needs no decoding
+        inp = None if modality is None else read_input(modality, path)
+        self._prompt = self.stack.row_prompt(self.name, inp)
+        self.input = inp
 
     def set_image(self, path: str | None) -> None:
-        """Attach (or with None detach) an image; ValueError/OSError leave the previous one."""
-        image = None if path is None else open_image(path)  # names the file in its error
-        self._prompt = self.stack.row_prompt(self.name, image)
-        self.image = path
+        self.set_input(None if path is None else "image", path)
 
     def command(self, line: str) -> str | None:
         """Run a /command; returns the message to show, or None when `line` is not a command."""
@@ -50,15 +63,18 @@ class ChatSession:
         if cmd == "/reset":
             self.history.clear()
             return "(conversation cleared)"
-        if cmd != "/image":
+        modality = cmd[1:]
+        if not cmd.startswith("/") or modality not in MODALITIES:
             return None
+        was = self.input
         if not rest:
-            return f"(image: {self.image or 'none'}; /image PATH attaches one, /image none detaches it)"
-        if rest.lower() in NO_IMAGE:
-            self.set_image(None)
-            return "(image detached)"
-        self.set_image(rest)
-        return f"(image attached: {self.image})"
+            current = "none" if was is None else was.label
+            return f"(attached: {current}; /{modality} PATH attaches one, /{modality} none detaches it)"
+        if rest.lower() in NONE_WORDS:
+            self.set_input(None)
+            return "(nothing was attached)" if was is None else f"({was.modality} detached)"
+        self.set_input(modality, rest)
+        return f"({modality} attached: {rest})"
 
     def reply(self, text: str, on_text: Callable[[str], Any] | None = None) -> str:
         """Add a user turn, generate the assistant's answer (streamed to `on_text`), keep both."""

@@ -39,11 +39,16 @@ EXAMPLES = {
     "      --prompt 'Describe the image.' --image none --prompt 'What is in the photo?' --image cat.png\n"
     '  # the same from a file: one JSON object per line, {"prompt": ..., "image": path or null}\n'
     '  #   (image paths relative to the file); results go to stdout as JSONL with an "output" field\n'
-    "  llama-adapter generate --adapter runs/flickr --batch prompts.jsonl --batch-size 8 > outputs.jsonl",
+    "  llama-adapter generate --adapter runs/flickr --batch prompts.jsonl --batch-size 8 > outputs.jsonl\n"
+    "  # other modalities, for an adapter built for them (adapter_config.json: modalities.takes):\n"
+    "  llama-adapter generate --adapter runs/bind --prompt 'Describe it.' --video clip.mp4 --points none \\\n"
+    "      --prompt 'What shape is this?' --video none --points cloud.ply",
     "chat": "llama-adapter chat --model smollm2-135m-instruct --adapter runs/alpaca\n"
     "  llama-adapter chat --adapter runs/flickr --image photo.jpg\n"
+    "  llama-adapter chat --adapter runs/bind --points cloud.ply\n"
     "  in the chat: /image PATH attaches an image from the next turn on (it conditions the whole\n"
     "  conversation: a multimodal adapter adds it to its prompts, not at a place in the text);\n"
+    "  /audio, /video and /points do the same for the other modalities (one input at a time);\n"
     "  /image none detaches it; /reset forgets the conversation; /help lists the commands",
     "finetune": "llama-adapter finetune --model smollm2-135m-instruct "
     "--data ../shared/data/alpaca/alpaca_en_demo.json --out runs/alpaca --epochs 1\n"
@@ -104,24 +109,19 @@ def _parser() -> argparse.ArgumentParser:
     model_args(g)
     sampling_args(g)
     g.add_argument("--prompt", action="append", help="prompt text (repeat for a batch; '-' reads stdin)")
-    g.add_argument(
-        "--image",
-        action="append",
-        help="image file for a multimodal adapter: once for every prompt, or once per --prompt in the same "
-        "order, with 'none' or '-' for a row without an image",
-    )
+    _input_flags(g, batch=True)
     g.add_argument(
         "--batch",
         metavar="FILE",
-        help='JSONL of {"prompt": ..., "image": path or null} (instead of --prompt/--image); '
-        'writes one JSON object per line with an "output" field',
+        help='JSONL of {"prompt": ..., "image" (or "audio", "video", "points"): path or null} (instead of '
+        '--prompt and the input flags); writes one JSON object per line with an "output" field',
     )
     g.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default: %(default)s)")
 
     c = cmd("chat", "Interactive chat in the terminal (empty line or Ctrl-D quits).")
     model_args(c)
     sampling_args(c)
-    c.add_argument("--image", help="image the conversation is about (multimodal adapters); /image PATH changes it")
+    _input_flags(c, batch=False)
 
     f = cmd("finetune", "Train an adapter on instruction data (Alpaca JSON/JSONL or chat JSONL).")
     from .train import TrainArgs
@@ -172,6 +172,24 @@ def _parser() -> argparse.ArgumentParser:
     _evaluate_args(cmd("evaluate", "Held-out loss/perplexity, multiple choice, OCR / MME (JSON report + table)."))
     _data_args(cmd("data", "Generate benchmark data: a TextVQA-style OCR set, an MME-style perception set."))
     return p
+
+
+INPUT_HELP = {
+    "image": "image file",
+    "audio": "audio file (mp3, wav, flac, ogg)",
+    "video": "video (mp4, webm, gif via PyAV/PIL) or a folder of frames; 8 frames sampled uniformly",
+    "points": "point cloud (.ply ascii/binary, .npy, .xyz; N x 3 or N x 6 with colour)",
+}
+
+
+def _input_flags(sp: argparse.ArgumentParser, batch: bool) -> None:
+    """--image / --audio / --video / --points: one per row (generate) or the conversation's (chat)."""
+    for m, what in INPUT_HELP.items():
+        if batch:
+            rows = "once for every prompt, or once per --prompt in the same order, 'none' or '-' for a row without"
+            sp.add_argument(f"--{m}", action="append", help=f"{what} for an adapter that takes {m}: {rows}")
+        else:
+            sp.add_argument(f"--{m}", help=f"{what} the conversation is about; /{m} PATH changes it")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
@@ -323,73 +341,6 @@ def _params(args: argparse.Namespace):
     )
 
 
-_NO_IMAGE = ("none", "-")
-
-
-def _generate_rows(args: argparse.Namespace) -> tuple[list[str], list[str | None], bool]:
-    """(prompts, image per row or None, whether the rows came from --batch)."""
-    import json
-
-    if args.batch:
-        if args.prompt or args.image:
-            raise ValueError("--batch FILE replaces --prompt/--image; give one or the other")
-        path = Path(args.batch)
-        if not path.is_file():
-            raise ValueError(f"--batch {path} not found")
-        prompts: list[str] = []
-        images: list[str | None] = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f'{path}:{n}: each line needs {{"prompt": "...", "image": path or null}}')
-            img = row.get("image")
-            if img is not None and not isinstance(img, str):
-                raise ValueError(f"{path}:{n}: 'image' must be a path string or null, got {img!r}")
-            if img:
-                ip = Path(img)
-                img = str(ip if ip.is_absolute() else path.parent / ip)
-            prompts.append(row["prompt"])
-            images.append(img or None)
-        if not prompts:
-            raise ValueError(f"--batch {path} holds no rows")
-        return prompts, images, True
-    if not args.prompt:
-        raise ValueError("give --prompt TEXT (repeat it for a batch) or --batch FILE.jsonl")
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
-    given = args.image or []
-    if len(given) == 1:  # one image for every prompt
-        given = given * len(prompts)
-    if given and len(given) != len(prompts):
-        raise ValueError(
-            f"{len(args.image)} --image for {len(prompts)} --prompt: give one --image for all prompts or one "
-            f"per --prompt in the same order ({' or '.join(repr(x) for x in _NO_IMAGE)} for a row without an image)"
-        )
-    images = [None if im is None or im.lower() in _NO_IMAGE else im for im in given] or [None] * len(prompts)
-    return prompts, images, False
-
-
-def _open_images(stack, name: str | None, images: list[str | None]) -> list:
-    """Check that the model takes images, then open every file (a bad one fails before any work
-    and names itself)."""
-    from .multimodal import open_image
-
-    if any(im is not None for im in images):
-        a = stack.adapter(name)
-        if a is None:
-            raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
-        if not a.multimodal:
-            raise ValueError(
-                f"the adapter {a.path} is text-only (trained without --image-encoder); "
-                "drop the image or use a multimodal adapter"
-            )
-    return [None if im is None else open_image(im) for im in images]
-
-
 def _note_clamped(rows, context: int) -> None:
     for r in rows:
         if r.max_new < r.params.max_new_tokens and r.finish == "length":
@@ -405,20 +356,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .generate import encode_prompts, make_rows, run_rows, stop_ids_of
     from .loading import render_prompt
+    from .prompt_rows import generate_rows, open_inputs
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-    prompts, images, from_file = _generate_rows(args)
-    for i, im in enumerate(images):  # before loading anything, and before any batch is printed
-        if im is not None and not Path(im).is_file():
-            raise ValueError(f"image {im} (row {i}) not found; check the path")
+    rows_in, from_file = generate_rows(args)  # every path checked before loading anything
     stack = _stack(args, "complete")
     name = _adapter_name(stack)
-    opened = _open_images(stack, name, images)
+    opened = open_inputs(stack, name, rows_in)
     tok, params = stack.tokenizer, _params(args)
-    ids = encode_prompts(tok, [render_prompt(p, stack.template_of(name)) for p in prompts])
+    ids = encode_prompts(tok, [render_prompt(r.prompt, stack.template_of(name)) for r in rows_in])
     model = stack.only()
-    stream = len(prompts) == 1 and not from_file
+    stream = len(rows_in) == 1 and not from_file
     for s in range(0, len(ids), args.batch_size):
         sl = slice(s, s + args.batch_size)
         ctx = stack.batch_prompt(name, opened[sl])
@@ -430,29 +379,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         run_rows(model, rows, compile=args.compile)
         _note_clamped(rows, stack.model.config.max_seq_len)
         for r in rows:
-            i = r.tag
+            row = rows_in[r.tag]
             if stream:
                 sys.stdout.write("\n")
             elif from_file:
-                print(json.dumps({"prompt": prompts[i], "image": images[i], "output": r.text}, ensure_ascii=False))
+                print(json.dumps(row.record(r.text), ensure_ascii=False))
             else:
-                tag = f" [image {images[i]}]" if images[i] else ""
-                print(f"--- [{i}]{tag} {prompts[i]}\n{r.text}")
+                print(f"--- [{r.tag}]{row.tag} {row.prompt}\n{r.text}")
             sys.stdout.flush()
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
+    from .multimodal import MODALITIES
 
+    given = [(m, getattr(args, m)) for m in MODALITIES if getattr(args, m, None)]
+    if len(given) > 1:
+        raise ValueError(f"give one of {', '.join('--' + m for m, _ in given)}: a conversation has one input")
     stack = _stack(args, "chat")
     name = _adapter_name(stack)
     session = ChatSession(stack, name, _params(args), compile=args.compile)
-    if args.image:  # errors here end the command (exit 2): the user asked for this image up front
-        _open_images(stack, name, [args.image])
-        session.set_image(args.image)
-    image = f" + image {args.image}" if args.image else ""
-    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''}{image} (empty line quits, "
+    for m, path in given:  # errors here end the command (exit 2): the user asked for this input up front
+        session.set_input(m, path)
+    attached = "".join(f" + {m} {p}" for m, p in given)
+    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''}{attached} (empty line quits, "
           "/help for commands)", file=sys.stderr)  # fmt: skip
     while True:
         try:
@@ -464,7 +415,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:  # a bad path is a typo to fix, not a reason to lose the conversation
             shown = session.command(line)
         except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             continue
         if shown is not None:
             print(shown, file=sys.stderr)

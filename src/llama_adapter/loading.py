@@ -1,17 +1,19 @@
 """Assemble what a command needs to talk to a model: base weights + tokenizer + adapters + chat
-template (+ image encoders for multimodal adapters). `generate`, `chat`, `evaluate`, `serve` and
+template (+ the encoders of multimodal adapters). `generate`, `chat`, `evaluate`, `serve` and
 `finetune` all come through here, so the rules live in one place:
 
 - `resolve_template`: which prompt template a run uses (the one rule, see its docstring);
 - `load_stack`: load everything, check adapters against the base, refuse combinations that
   cannot share one base (two adapters that both change base modules, V2/ImageBind);
-- `Stack.row_prompt`: the per-row adapter prompt state (with an image, if any) that the decode
-  engine gathers into a batch.
+- `Stack.row_prompt` / `batch_prompt`: the per-row adapter prompt state (with an input of any
+  modality the adapter takes: image, audio, video, points) that the decode engine gathers into a
+  batch; `Stack.check_input` is the one rule for which model takes which modality.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 from .adapter import AdaptedLLaMA, PromptState, load_adapter, read_adapter_config
 from .checkpoint import load_model
 from .model import LLaMA
-from .multimodal import image_features_for
+from .multimodal import Input, ModalitySet, as_input
 from .tokenizer import TEMPLATES, alpaca_prompt, load_tokenizer, render_chat
 
 PURPOSES = ("complete", "instruct", "chat")
@@ -97,39 +99,46 @@ def encoder_weights(
     )
 
 
-def image_prompt_state(
+def input_prompt_state(
     model: Any,
-    images: list[Any],
+    inputs: Sequence[Any],
     *,
+    modalities: ModalitySet | None = None,
     weights: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    features: torch.Tensor | None = None,
+    who: str = "this adapter",
 ) -> PromptState | None:
-    """A precomputed `PromptState` [B, ...] for a batch whose rows each have an image (path or PIL
-    image) or None. Rows without an image add nothing to the prompts, so they generate exactly
-    what the text-only adapter generates. `features` [B, visual_dim] skips the encoder. Returns
-    None for a plain model with no images; ValueError when images go to a model that cannot use
-    them."""
-    rows = [i for i, im in enumerate(images) if im is not None]
+    """A precomputed `PromptState` [B, ...] for a batch whose rows each have one input of any
+    modality (an `Input`; an image path or PIL image also works) or None. Rows without an input add
+    nothing to the prompts, so they generate exactly what the text-only adapter generates.
+    `modalities` defaults to what the adapter's config implies (images and video). Returns None
+    for a plain model with no inputs; ValueError for an input the model cannot take, naming the
+    modalities it takes."""
+    inputs = [as_input(x) for x in inputs]
+    given = next((x for x in inputs if x is not None), None)
     if not isinstance(model, AdaptedLLaMA):
-        if rows:
-            raise ValueError("images need a multimodal adapter (--adapter DIR trained with --image-encoder)")
+        if given is not None:
+            raise ValueError(f"the frozen base model takes text only, not {given.modality}; pick an adapter built "
+                             f"for {given.modality} (--adapter DIR)")  # fmt: skip
         return None
-    if not rows and features is None:
+    if given is None:
         return model.prompt_state(precompute=True)
     cfg = model.adapter_config
-    if not cfg.visual_dim:
-        raise ValueError(
-            "this adapter is text-only (trained without --image-encoder); drop the image or use a multimodal adapter"
-        )
+    mods = modalities if modalities is not None else ModalitySet.for_adapter(cfg)
+    if mods is None:
+        raise ValueError(f"{who} is text-only (trained without --image-encoder); drop the {given.modality} or use "
+                         "a multimodal adapter")  # fmt: skip
+    for x in inputs:
+        mods.check(x, who)
     device = next(model.parameters()).device
-    if features is None:
-        features = torch.zeros(len(images), cfg.visual_dim, device=device)
-        got = image_features_for(model, [images[i] for i in rows], weights=weights, cache_dir=cache_dir)
-        features[rows] = got.to(device=device, dtype=features.dtype)
-    has = torch.zeros(len(images), dtype=torch.bool, device=device)
-    has[rows] = True
-    return model.prompt_state(visual=features.to(device), has_image=has, precompute=True)
+    kw = mods.adapter_inputs(inputs, cfg, weights, device=device)
+    return model.prompt_state(**{k: v.to(device) for k, v in kw.items()}, precompute=True)
+
+
+def image_prompt_state(
+    model: Any, images: list[Any], *, weights: str | os.PathLike[str] | None = None
+) -> PromptState | None:
+    """`input_prompt_state` for rows that each have an image (path or PIL image) or None."""
+    return input_prompt_state(model, images, weights=weights)
 
 
 @dataclass
@@ -142,10 +151,26 @@ class LoadedAdapter:
     encoder_weights: str | None = None  # resolved lazily: a text-only run never needs the file
     weights_override: str | None = None
     _weights_resolved: bool = False
+    _modalities: ModalitySet | None | bool = False  # False: not read yet
+
+    @property
+    def modalities(self) -> ModalitySet | None:
+        """What the adapter takes besides text (None: text only), read from its directory once."""
+        if self._modalities is False:
+            mods = ModalitySet.for_adapter(self.model.adapter_config, self.meta, self.path or None)
+            if mods is not None:
+                mods.to(next(self.model.parameters()).device)
+            self._modalities = mods
+        return self._modalities
+
+    @property
+    def takes(self) -> tuple[str, ...]:
+        """The modalities besides text, e.g. ("image", "video"); () for a text-only adapter."""
+        return () if self.modalities is None else self.modalities.modalities
 
     @property
     def multimodal(self) -> bool:
-        return self.model.adapter_visual is not None
+        return self.modalities is not None
 
     def image_weights(self) -> str | None:
         if not self._weights_resolved:
@@ -179,24 +204,43 @@ class Stack:
         a = self.adapter(name)
         return self.template if a is None else a.template
 
-    def row_prompt(self, name: str | None, image: Any = None) -> PromptState | None:
-        """One row's precomputed prompt state: adapter `name` (None = the frozen base), with an
-        image (a path or PIL image) for a multimodal adapter."""
-        return self.batch_prompt(name, [image])
+    def takes(self, name: str | None) -> tuple[str, ...]:
+        """The modalities model `name` takes besides text; () for the base and text-only adapters."""
+        a = self.adapter(name)
+        return () if a is None else a.takes
 
-    def batch_prompt(self, name: str | None, images: list[Any]) -> PromptState | None:
-        """The prompt state [B, ...] of rows of one adapter, each with an image or None (the
-        encoder runs once for the whole batch)."""
+    def check_input(self, name: str | None, modality: str | None) -> None:
+        """ValueError (naming what the model does take) when model `name` cannot take `modality`."""
+        if modality is None or modality in self.takes(name):
+            return
         a = self.adapter(name)
         if a is None:
-            if any(im is not None for im in images):
-                raise ValueError(f"model {name or self.name!r} takes no images; pick a multimodal adapter")
+            raise ValueError(f"model {name or self.name!r} is the frozen base model and takes text only, not "
+                             f"{modality}; load a multimodal adapter built for it (--adapter DIR)")  # fmt: skip
+        if a.modalities is None:
+            raise ValueError(f"adapter {a.name!r} is text-only (trained without --image-encoder); it takes no "
+                             f"{modality}: drop it or use a multimodal adapter")  # fmt: skip
+        a.modalities.check(Input(modality, None), f"adapter {a.name!r}")
+
+    def row_prompt(self, name: str | None, input: Any = None) -> PromptState | None:
+        """One row's precomputed prompt state: adapter `name` (None = the frozen base), with an
+        `Input` of any modality the adapter takes (an image path or PIL image works too)."""
+        return self.batch_prompt(name, [input])
+
+    def batch_prompt(self, name: str | None, inputs: Sequence[Any]) -> PromptState | None:
+        """The prompt state [B, ...] of rows of one adapter, each with an `Input` (or image path /
+        PIL image) or None; each encoder runs once for the whole batch."""
+        inputs = [as_input(x) for x in inputs]
+        for x in inputs:
+            self.check_input(name, None if x is None else x.modality)
+        a = self.adapter(name)
+        if a is None:
             return None
-        if all(im is None for im in images):
+        if all(x is None for x in inputs):
             return a.model.prompt_state(precompute=True)
-        if not a.multimodal:
-            raise ValueError(f"adapter {a.name!r} is text-only; it takes no images")
-        return image_prompt_state(a.model, images, weights=a.image_weights())
+        weights = a.image_weights() if any(x.modality in ("image", "video") for x in inputs if x) else None
+        return input_prompt_state(a.model, inputs, modalities=a.modalities, weights=weights,
+                                  who=f"adapter {a.name!r}")  # fmt: skip
 
 
 def load_stack(

@@ -21,15 +21,39 @@ One module per job, dependencies pointing down the list:
     datasets.py      image-text JSONL, Flickr8k and easy-VQA converters
     audio.py         mp3 decoding, log-mel, the pretrained aisfx audio encoder
     bind.py          binding any modality's embeddings to the image space (InfoNCE), recall, cache model
+    video.py         video files / frame folders -> sampled frames, mean-pooled image features; test clips
+    points.py        .ply/.npy/.xyz point clouds, the PointNet-style encoder bound to images (Point-Bind)
+    shapes.py        procedural 3D shapes: point clouds and rendered views of the same object
+    inputs.py        `Input`: one row's image / audio / video / points, read and checked where it enters
+    modalities.py    `ModalitySet`: what one adapter takes and how each input reaches it; saved beside it
 
 A new image architecture is a module beside efficientnet.py plus one line in encoders.py; a new
-modality (video, point clouds) is a module beside audio.py whose encoder is an `Embedder`, so
-`embed_files` caches it and bind.py binds it like audio.
+modality is a reader beside video.py / points.py, one branch in `inputs.read_input` /
+`decode_input` and one in `ModalitySet.features` (how it lands in the image space); every front
+end (CLI, chat, server) then takes it through `Input` and `Stack.batch_prompt`.
 """
 
-from .audio import EMBED_DIM, AisfxEncoder, decode_audio, embed_audio_files, log_mel, mel_filterbank, resample
+from .audio import (
+    AUDIO_FORMATS,
+    EMBED_DIM,
+    AisfxEncoder,
+    decode_audio,
+    embed_audio_files,
+    log_mel,
+    mel_filterbank,
+    resample,
+)
 from .base import CACHE_VERSION, ImageEncoder
-from .bind import BindProjection, EmbeddingSpace, cache_enhance, info_nce, recall_at_k, to_sphere, train_bind_projection
+from .bind import (
+    BindProjection,
+    EmbeddingSpace,
+    cache_enhance,
+    info_nce,
+    recall_at_k,
+    to_sphere,
+    train_bind_projection,
+    train_binding,
+)
 from .clip import (
     CLIP_CONFIGS,
     CLIP_MEAN,
@@ -54,15 +78,38 @@ from .features import (
     FeatureCache,
     example_features,
     example_visuals,
-    image_features_for,
     uses_tokens,
     visual_config,
     visual_make_ctx,
 )
 from .images import MAX_IMAGE_PIXELS, crop_padded_resize, open_image, resize_center_crop, to_rgb
+from .inputs import MODALITIES, NONE_WORDS, Input, as_input, decode_input, image_from_bytes, read_input
+from .modalities import MODALITY_FILE, ModalitySet
+from .points import MAX_POINTS, PointEncoder, normalize_cloud, read_points
+from .video import VIDEO_FRAMES, VideoEmbedder, embed_video, read_video, write_video
 from .weights import check_state_dict, file_digest, read_state_dict
 
 __all__ = [
+    "AUDIO_FORMATS",
+    "MAX_POINTS",
+    "MODALITIES",
+    "MODALITY_FILE",
+    "NONE_WORDS",
+    "VIDEO_FRAMES",
+    "Input",
+    "ModalitySet",
+    "PointEncoder",
+    "VideoEmbedder",
+    "as_input",
+    "decode_input",
+    "embed_video",
+    "image_from_bytes",
+    "normalize_cloud",
+    "read_input",
+    "read_points",
+    "read_video",
+    "train_binding",
+    "write_video",
     "CACHE_VERSION",
     "CAPTION_INSTRUCTION",
     "CLIP_CONFIGS",
@@ -100,7 +147,6 @@ __all__ = [
     "file_digest",
     "flickr8k_to_jsonl",
     "get_image_encoder",
-    "image_features_for",
     "info_nce",
     "load_any_examples",
     "load_image_encoder",

@@ -39,8 +39,13 @@ EMBED_DIM = 512
 SPEC_MAX = 9.457798957824707
 
 
-def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """mp3/flac/ogg/wav -> mono float32 waveform [N] at `sample_rate`.
+AUDIO_FORMATS = ("mp3", "wav", "flac", "ogg")
+MAX_AUDIO_SECONDS = 600  # longer clips are refused: 10 minutes is already 100 MB of float32 at 44.1 kHz
+
+
+def decode_audio(src: str | Path | bytes, sample_rate: int = SAMPLE_RATE, fmt: str | None = None) -> torch.Tensor:
+    """mp3/flac/ogg/wav file (or its bytes, with `fmt` one of AUDIO_FORMATS) -> mono float32
+    waveform [N] at `sample_rate`; ValueError naming the clip when it cannot be decoded.
 
     Decoded at the file's own rate, then resampled with `resample` (band-limited): miniaudio's own
     resampler leaks images of the 0-12 kHz band of a 24 kHz mp3 into 12-22 kHz, which aisfx's
@@ -50,13 +55,29 @@ def decode_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tens
     try:
         import miniaudio  # optional (pip install llama-adapter[audio]): only audio needs it
     except ImportError as e:
-        raise RuntimeError("decoding audio needs the `miniaudio` package: pip install miniaudio cffi") from e
-    path = str(path)
+        raise ValueError("decoding audio needs the `miniaudio` package: pip install miniaudio cffi") from e
+    if isinstance(src, bytes):
+        fmt = (fmt or "").lower().lstrip(".")
+        if fmt not in AUDIO_FORMATS:
+            raise ValueError(f"audio format {fmt!r} is not supported; use one of {', '.join(AUDIO_FORMATS)}")
+        name = f"the {fmt} audio"
+        info_of = getattr(miniaudio, {"ogg": "vorbis"}.get(fmt, fmt) + "_get_info")
+    else:
+        name = str(src)
+        if not Path(src).is_file():
+            raise ValueError(f"audio {name} not found; check the path")
+        info_of = miniaudio.get_file_info
     try:
-        sr = miniaudio.get_file_info(path).sample_rate
-        d = miniaudio.decode_file(path, output_format=miniaudio.SampleFormat.FLOAT32, nchannels=1, sample_rate=sr)
-    except miniaudio.DecodeError as e:
-        raise ValueError(f"{path}: not a decodable audio file (mp3, flac, ogg/vorbis or wav): {e}") from e
+        info = info_of(src if isinstance(src, bytes) else name)
+        if info.duration > MAX_AUDIO_SECONDS:
+            raise ValueError(f"{name} lasts {info.duration:.0f} s, over the {MAX_AUDIO_SECONDS} s limit; trim it first")
+        sr, kw = info.sample_rate, {"output_format": miniaudio.SampleFormat.FLOAT32, "nchannels": 1}
+        if isinstance(src, bytes):
+            d = miniaudio.decode(src, sample_rate=sr, **kw)
+        else:
+            d = miniaudio.decode_file(name, sample_rate=sr, **kw)
+    except miniaudio.MiniaudioError as e:  # DecodeError and friends
+        raise ValueError(f"{name}: not a decodable audio file (mp3, flac, ogg/vorbis or wav): {e}") from e
     wave = torch.frombuffer(bytearray(d.samples), dtype=torch.float32)
     return resample(wave, sr, sample_rate)
 
@@ -169,7 +190,7 @@ class AisfxEncoder(nn.Module):
         if checkpoint is None:
             spec = importlib.util.find_spec("aisfx")  # locates the package without importing it
             if spec is None or not spec.submodule_search_locations:
-                raise RuntimeError("the pretrained audio encoder needs `pip install --no-deps aisfx`")
+                raise ValueError("the pretrained audio encoder needs `pip install --no-deps aisfx`")
             checkpoint = Path(next(iter(spec.submodule_search_locations))) / "models" / "checkpoint.pth"
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             weights, _ = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -1,8 +1,9 @@
 """Binding another modality to the image space, as ImageBind does (arXiv 2305.05665).
 
 The image embeddings define the space (`EmbeddingSpace`); a small `BindProjection` maps a frozen
-encoder's embeddings of another modality (audio today; video and point clouds share this path) into
-it, trained with `train_bind_projection` (symmetric InfoNCE against the frozen image side).
+encoder's embeddings of another modality (audio) into it, trained with `train_bind_projection`;
+`train_binding` trains any such module (points.PointEncoder binds raw point clouds) with symmetric
+InfoNCE against the frozen image side. Video needs no binding: its frames are images.
 `recall_at_k` measures the binding and `cache_enhance` is ImageBind-LLM's training-free visual
 cache model.
 """
@@ -35,6 +36,12 @@ class EmbeddingSpace:
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
         return to_sphere((feats - self.mean) / self.std)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """A point of the space -> image-encoder features that map back to it exactly (z has RMS 1
+        per element, as z-scored features have on average), so a bound modality can also feed an
+        adapter that takes raw image features (the V1 visual projection)."""
+        return self.mean + self.std * z
 
 
 def to_sphere(x: torch.Tensor) -> torch.Tensor:
@@ -80,34 +87,56 @@ def train_bind_projection(
     dropout: float = 0.1,
     seed: int = 0,
 ) -> tuple[BindProjection, list[float]]:
+    """Bind a modality's frozen embeddings [N, in_dim] to the image space with a `BindProjection`
+    (z-score statistics from `source`), trained by `train_binding`."""
+    if source.ndim != 2:
+        raise ValueError(f"source embeddings must be [N, dim], got {list(source.shape)}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the MLP's init: same seed, same projection
+        proj = BindProjection(source.shape[1], image.shape[1], hidden, dropout)
+    proj.in_mean.copy_(source.mean(0))
+    proj.in_std.copy_(source.std(0).clamp(min=1e-6))
+    return train_binding(proj, source, image, steps=steps, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, seed=seed)  # fmt: skip
+
+
+def train_binding(
+    model: nn.Module,
+    source: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    steps: int = 300,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+) -> tuple[nn.Module, list[float]]:
     """Bind a modality to the image space as ImageBind does: the image side is frozen (`image`
-    already in the `EmbeddingSpace`), a `BindProjection` is trained on the pairs (source[i],
-    image[i]) with symmetric InfoNCE, in-batch negatives. Returns the projection (eval mode) and the
-    step losses. Everything random (init, batches, dropout) comes from `seed` alone: the global RNG
-    is neither read nor advanced."""
+    already in the `EmbeddingSpace`), `model` (any module mapping a batch of `source` rows, e.g.
+    embeddings [N, d] or point clouds [N, n, 6], into that space, with a `logit_scale` parameter)
+    is trained on the pairs (source[i], image[i]) with symmetric InfoNCE, in-batch negatives, AdamW
+    with cosine decay. Returns the module (eval mode) and the step losses. Everything random
+    (batches, dropout) comes from `seed` alone: the global RNG is neither read nor advanced."""
     if source.shape[0] != image.shape[0] or source.shape[0] < 2:
         raise ValueError(f"need >= 2 aligned pairs, got {source.shape[0]} source and {image.shape[0]} image rows")
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # all devices: manual_seed below seeds CUDA too
-        torch.manual_seed(seed)  # the MLP's init and dropout masks: same seed, same projection
-        proj = BindProjection(source.shape[1], image.shape[1], hidden, dropout)
-        proj.in_mean.copy_(source.mean(0))
-        proj.in_std.copy_(source.std(0).clamp(min=1e-6))
-        opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=weight_decay)
+        torch.manual_seed(seed)  # dropout masks
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         losses = []
         n = source.shape[0]
         bs = min(batch_size, n)
-        proj.train()
+        model.train()
         for step in range(steps):
             idx = torch.randperm(n, generator=g)[:bs]
-            loss = info_nce(proj(source[idx]), image[idx], proj.logit_scale)
+            loss = info_nce(model(source[idx]), image[idx], model.logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:  # cosine decay: the last steps settle instead of jumping
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             opt.step()
             losses.append(loss.item())
-    return proj.eval(), losses
+    return model.eval(), losses
 
 
 def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
