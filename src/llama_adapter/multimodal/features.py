@@ -8,15 +8,19 @@ Global features are `[feature_dim]` per image; a visual-query adapter (V2) takes
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
+from torch import nn
 
 from ..adapter import AdaptedLLaMA, AdapterConfig, PromptState
 from .base import ImageEncoder
 from .embeddings import EmbeddingCache
+from .encoders import get_image_encoder
 
 
 class FeatureCache(EmbeddingCache):
@@ -119,3 +123,29 @@ def visual_make_ctx(model: AdaptedLLaMA) -> Callable[[dict[str, torch.Tensor]], 
         return model.prompt_state(visual=batch["visual"], has_image=batch["has_image"])
 
     return make_ctx
+
+
+def image_features_for(
+    model: nn.Module,
+    images: Sequence[Any],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> torch.Tensor:
+    """Features [B, visual_dim] for a multimodal adapter, from the encoder it was trained with
+    (`adapter_config.image_encoder`). Entries may be paths or PIL images. For a visual-query
+    adapter these are the flattened patch tokens [B, N * d]."""
+    cfg = getattr(model, "adapter_config", None)
+    if cfg is None or not cfg.visual_dim or not cfg.image_encoder:
+        raise ValueError("images need a multimodal adapter (trained with --image-encoder); this one is text-only")
+    p = next(model.parameters())
+    enc = get_image_encoder(cfg.image_encoder, weights, str(p.device))
+    tokens = uses_tokens(cfg)
+    got = math.prod(enc.token_shape) if tokens else enc.feature_dim
+    if got != cfg.visual_dim:
+        raise ValueError(f"encoder {enc.name} gives {got} features, the adapter expects {cfg.visual_dim}")
+    if cache_dir is not None and all(not isinstance(x, Image.Image) for x in images):
+        return FeatureCache(cache_dir, enc, progress=False, tokens=tokens).get(images).flatten(1).to(p.device)
+    if tokens:
+        return enc.encode_token_images(list(images)).flatten(1).to(p.device)
+    return enc.encode_images(list(images)).to(p.device)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from ..multimodal import MAX_IMAGE_PIXELS, open_image, to_rgb
+from ..multimodal import Input, decode_input, read_input
+from ..multimodal.inputs import FORMATS
 from .scheduler import Sampling
 
 
@@ -35,7 +34,7 @@ class APIError(Exception):
 @dataclass
 class ServeOptions:
     api_key: str | None = None
-    max_body_bytes: int = 8 << 20  # room for one base64 image
+    max_body_bytes: int = 8 << 20  # room for one base64 image, clip or point cloud
     local_image_root: str | None = None  # image_url may name files under this directory
     default_max_tokens: int = 256
     retry_after_s: int = 1
@@ -76,7 +75,7 @@ def parse_sampling(body: dict, default_max_tokens: int) -> Sampling:
     )
 
 
-def load_image_url(url: str, local_root: str | None) -> Any:
+def load_image_url(url: str, local_root: str | None) -> Input:
     """An image_url: a base64 data: URL, or (only when the server allows it) a file under one directory."""
     if url.startswith(("http://", "https://")):
         raise APIError(400, "remote image URLs are not fetched; send a data: URL", param="image_url")
@@ -92,28 +91,50 @@ def load_image_url(url: str, local_root: str | None) -> Any:
         if not path.is_relative_to(root) or not path.is_file():
             raise APIError(400, f"image {url!r} is not a file under the allowed directory", param="image_url")
         try:
-            return open_image(path)
+            return read_input("image", path)
         except ValueError as e:
             raise APIError(400, str(e), param="image_url") from e
     header, _, payload = url.partition(",")
     if ";base64" not in header or not header[5:].startswith("image/"):
         raise APIError(400, "image data URLs must look like data:image/<type>;base64,<data>", param="image_url")
     try:
-        data = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(data)) as im:
-            if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
-                raise APIError(400, f"image is {im.size[0]}x{im.size[1]} pixels; downscale it", param="image_url")
-            im.load()
-            return to_rgb(im)
-    except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise APIError(400, f"could not decode the image data URL ({type(e).__name__}: {e})", param="image_url") from e
+        return decode_input("image", base64.b64decode(payload, validate=True))
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"could not decode the image data URL ({e})", param="image_url") from e
 
 
-def parse_messages(body: dict, local_root: str | None) -> tuple[list[dict[str, str]], Any]:
+# Content parts besides text and image_url: OpenAI's `input_audio` ({"data": base64, "format":
+# "mp3" | "wav"}), and the same shape for video and point clouds (our extension).
+INPUT_PARTS = {"input_audio": "audio", "input_video": "video", "input_points": "points"}
+
+
+def load_input_part(kind: str, part: dict) -> Input:
+    """An input_audio / input_video / input_points part -> a decoded `Input` (APIError 400 if bad)."""
+    modality = INPUT_PARTS[kind]
+    body = part.get(kind)
+    fmts = FORMATS[modality]
+    if not isinstance(body, dict) or not isinstance(body.get("data"), str) or body.get("format") not in fmts:
+        raise APIError(400, f'{kind} parts need {{"{kind}": {{"data": <base64>, "format": {" | ".join(fmts)}}}}}',
+                       param="messages")  # fmt: skip
+    try:
+        data = base64.b64decode(body["data"], validate=True)
+    except binascii.Error as e:
+        raise APIError(400, f"{kind}.data is not valid base64 ({e})", param="messages") from e
+    try:
+        return decode_input(modality, data, body["format"])
+    except ValueError as e:
+        raise APIError(400, " ".join(str(e).split()), param="messages", code=f"invalid_{modality}") from e
+
+
+def parse_messages(
+    body: dict, local_root: str | None, accept: Callable[[str], None] | None = None
+) -> tuple[list[dict[str, str]], Input | None]:
+    """(messages as role/content strings, the request's one non-text input or None). `accept(modality)`
+    runs before an input is decoded and raises APIError when the model does not take it."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    out, images = [], []
+    out, inputs = [], []
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise APIError(400, "each message needs a role of system, user or assistant", param="messages")
@@ -126,22 +147,29 @@ def parse_messages(body: dict, local_root: str | None) -> tuple[list[dict[str, s
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     texts.append(part["text"])
-                elif kind == "image_url":
+                    continue
+                if kind not in ("image_url", *INPUT_PARTS):
+                    raise APIError(400, f"unsupported content part {kind!r}; use text, image_url, "
+                                   f"{', '.join(INPUT_PARTS)}", param="messages")  # fmt: skip
+                if inputs:
+                    raise APIError(400, "at most one non-text input (image, audio, video or points) per request "
+                                   "is supported", param="messages")  # fmt: skip
+                if accept is not None:
+                    accept(INPUT_PARTS.get(kind, "image"))
+                if kind == "image_url":
                     iu = part.get("image_url")
                     url = iu.get("url") if isinstance(iu, dict) else iu
                     if not isinstance(url, str):
                         raise APIError(400, "image_url parts need {'url': ...}", param="messages")
-                    images.append(load_image_url(url, local_root))
+                    inputs.append(load_image_url(url, local_root))
                 else:
-                    raise APIError(400, f"unsupported content part {kind!r}; use text or image_url", param="messages")
+                    inputs.append(load_input_part(kind, part))
             content = "\n".join(texts)
         if not isinstance(content, str):
             raise APIError(400, "message content must be a string or a list of parts", param="messages")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": content})
-    if len(images) > 1:
-        raise APIError(400, "at most one image per request is supported", param="messages")
-    return out, images[0] if images else None
+    return out, inputs[0] if inputs else None
 
 
 def sse(obj: Any) -> str:

@@ -1,5 +1,10 @@
 """The HTTP layer (FastAPI): `/v1/chat/completions`, `/v1/completions` (both with `stream: true`
-as server-sent events), `/v1/models`, `/health` and the web chat page at `/`.
+as server-sent events), `/v1/models` (each model's `modalities`), `/health` and the web chat page at `/`.
+
+A chat message may carry one non-text input as a content part: `image_url`, OpenAI's
+`input_audio` (`{"data": <base64>, "format": "mp3" | "wav"}`, also flac/ogg), and, shaped the
+same way, `input_video` (mp4, webm, gif) and `input_points` (ply, npy, xyz). A model that does not
+take the modality answers 400 with code `<modality>_not_supported` naming what it takes.
 
 Handlers only translate: a request body becomes `Job`s for the scheduler (api.py checks it), the
 scheduler's events become JSON or SSE chunks. Tokenisation runs off the event loop, after a
@@ -225,12 +230,18 @@ async def chat_completions(request: Request) -> Response:
     body = await _read_json(request)
     model = _pick_model(s, body)
     sampling = parse_sampling(body, opts.default_max_tokens)
-    messages, image = parse_messages(body, opts.local_image_root)
-    if image is not None and not s.multimodal(model):
-        raise APIError(400, f"model {model!r} is text-only and takes no image input; pick a multimodal adapter "
-                       "or drop the image", param="messages", code="image_not_supported")  # fmt: skip
+
+    def accept(modality: str) -> None:  # before decoding: a model that cannot take it needs no decoding
+        try:
+            s.stack.check_input(model, modality)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code=f"{modality}_not_supported") from e
+
+    # Off the event loop: decoding a video or a large point cloud takes a while, and other clients
+    # (and /health) must not wait for it.
+    messages, inp = await asyncio.to_thread(parse_messages, body, opts.local_image_root, accept)
     ids = await _encode(s, s.render_chat(model, messages), "messages")
-    jobs = [Job(model, ids, _fit(s, ids, sampling), image=image)]
+    jobs = [Job(model, ids, _fit(s, ids, sampling), input=inp)]
     q = _submit(request, jobs)
     cid, created = "chatcmpl-" + jobs[0].id, int(time.time())
 
@@ -289,7 +300,7 @@ async def list_models(request: Request) -> dict:
     s: Scheduler = request.app.state.scheduler
     return {"object": "list", "data": [
         {"id": m, "object": "model", "created": 0, "owned_by": "llama-adapter",
-         "adapter": m != s.base_name, "multimodal": s.multimodal(m)}
+         "adapter": m != s.base_name, "multimodal": bool(s.stack.takes(m)), "modalities": list(s.stack.takes(m))}
         for m in s.models
     ]}  # fmt: skip
 

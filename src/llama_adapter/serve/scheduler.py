@@ -2,7 +2,7 @@
 free up and leave it when they finish or their client goes away. Decoding itself is the one
 decode engine (engine.py); this module only schedules and reports.
 
-One background thread owns the model. Rows of any adapter, with or without an image, share
+One background thread owns the model. Rows of any adapter, with or without an input, share
 every decode step: each row carries its own precomputed prompt state (`Stack.row_prompt`)
 and the engine gathers them per step.
 """
@@ -72,6 +72,7 @@ class Job:
         prompt_ids: list[int],
         sampling: Sampling,
         *,
+        input: Any = None,
         image: Any = None,
         index: int = 0,
         sink: Callable[[tuple], None] | None = None,
@@ -80,7 +81,9 @@ class Job:
         self.model = model
         self.prompt_ids = prompt_ids
         self.sampling = sampling
-        self.image = image  # a PIL image for multimodal adapters
+        # the row's decoded `multimodal.Input` (image, audio, video or points); `image` (a PIL
+        # image) is the older spelling of an image input
+        self.input = input if input is not None else image
         self.index = index
         self.sink = sink
         self.cancelled = threading.Event()
@@ -160,8 +163,7 @@ class Scheduler:
         return [self.stack.name, *self.stack.adapters]
 
     def multimodal(self, model: str) -> bool:
-        a = self.stack.adapter(model)
-        return a is not None and a.multimodal
+        return bool(self.stack.takes(model))
 
     def start(self) -> Scheduler:
         if self._thread is None:
@@ -258,8 +260,8 @@ class Scheduler:
     def _rows_for(self, jobs: list[Job]) -> list[Row]:
         rows = []
         for job in jobs:
-            try:  # a bad image or prompt fails its own job, not the batch
-                prompt = self.stack.row_prompt(job.model, job.image)
+            try:  # a bad input or prompt fails its own job, not the batch
+                prompt = self.stack.row_prompt(job.model, job.input)
                 row = Row(job.prompt_ids, job.sampling.params(), prompt=prompt, stop_ids=self.stop_ids,
                           tokenizer=self.stack.tokenizer, on_text=_emit_text, on_token=_count_token,
                           cancelled=job.cancelled.is_set, ignore_eos=job.sampling.ignore_eos, tag=job)  # fmt: skip

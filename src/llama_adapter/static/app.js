@@ -2,7 +2,27 @@
 // Streams /v1/chat/completions (server-sent events read with fetch) and stops with AbortController.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { history: [], models: [], image: null, controller: null };
+const state = { history: [], models: [], attachment: null, controller: null };
+// What each modality's file picker accepts, and how a file of it goes into a message:
+// image_url (OpenAI), input_audio (OpenAI), input_video / input_points (this server's, same shape).
+const KINDS = {
+  image: { accept: "image/*", part: null },
+  audio: { accept: "audio/*,.mp3,.wav,.flac,.ogg", part: "input_audio", formats: ["mp3", "wav", "flac", "ogg"] },
+  video: { accept: "video/*,.mp4,.webm,.gif", part: "input_video", formats: ["mp4", "webm", "gif"] },
+  points: { accept: ".ply,.npy,.xyz", part: "input_points", formats: ["ply", "npy", "xyz"] },
+};
+
+function extension(name) { const i = name.lastIndexOf("."); return i < 0 ? "" : name.slice(i + 1).toLowerCase(); }
+
+// The modality of a picked file among those the model takes (null: none fits).
+function kindOf(file, takes) {
+  const ext = extension(file.name);
+  for (const k of takes) {
+    if (KINDS[k].formats && KINDS[k].formats.includes(ext)) return k;
+  }
+  if (takes.includes("image") && file.type.startsWith("image/")) return "image";
+  return null;
+}
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -13,14 +33,19 @@ function headers() {
 
 function status(text) { $("status").textContent = text; }
 
-function addMessage(role, text, image) {
+function addMessage(role, text, attachment) {
   const el = document.createElement("div");
   el.className = "msg " + role;
-  if (image) {
+  if (attachment && attachment.kind === "image") {
     const img = document.createElement("img");
-    img.src = image;
+    img.src = attachment.url;
     img.alt = "attached image";
     el.appendChild(img);
+  } else if (attachment) {
+    const tag = document.createElement("div");
+    tag.className = "attached";
+    tag.textContent = "[" + attachment.kind + ": " + attachment.name + "]";
+    el.appendChild(tag);
   }
   const span = document.createElement("span");
   span.className = "text";
@@ -43,7 +68,8 @@ async function loadModels() {
     for (const m of body.data) {
       const o = document.createElement("option");
       o.value = m.id;
-      o.textContent = m.id + (m.adapter ? " (adapter" + (m.multimodal ? ", image" : "") + ")" : " (base)");
+      const takes = m.modalities || (m.multimodal ? ["image"] : []);
+      o.textContent = m.id + (m.adapter ? " (adapter" + (takes.length ? ", " + takes.join(", ") : "") + ")" : " (base)");
       sel.appendChild(o);
     }
     if (previous && body.data.some((m) => m.id === previous)) sel.value = previous;
@@ -56,18 +82,32 @@ async function loadModels() {
 
 function currentModel() { return state.models.find((m) => m.id === $("model").value); }
 
-function updateImageControl() {
+function currentTakes() {
   const m = currentModel();
-  const ok = !!(m && m.multimodal);
+  return m ? (m.modalities || (m.multimodal ? ["image"] : [])) : [];
+}
+
+function updateImageControl() {
+  const takes = currentTakes();
+  const ok = takes.length > 0;
   $("image").disabled = !ok;
+  $("image").accept = takes.map((k) => KINDS[k].accept).join(",");
+  document.querySelector(".attach").title = ok ? "attach " + takes.join(" / ") : "this model takes text only";
   document.querySelector(".attach").classList.toggle("disabled", !ok);
-  if (!ok) clearImage();
+  clearImage();
 }
 
 function clearImage() {
-  state.image = null;
+  state.attachment = null;
   $("image").value = "";
-  $("image-name").textContent = "image";
+  $("image-name").textContent = currentTakes().join(" / ") || "attach";
+}
+
+// The content part for an attachment (its data URL's base64 payload for the input_* parts).
+function contentPart(a) {
+  if (a.kind === "image") return { type: "image_url", image_url: { url: a.url } };
+  const part = KINDS[a.kind].part;
+  return { type: part, [part]: { data: a.url.slice(a.url.indexOf(",") + 1), format: a.format } };
 }
 
 function setBusy(busy) {
@@ -77,10 +117,8 @@ function setBusy(busy) {
 }
 
 async function send(text) {
-  const userContent = state.image
-    ? [{ type: "text", text }, { type: "image_url", image_url: { url: state.image } }]
-    : text;
-  addMessage("user", text, state.image);
+  const userContent = state.attachment ? [{ type: "text", text }, contentPart(state.attachment)] : text;
+  addMessage("user", text, state.attachment);
   state.history.push({ role: "user", content: userContent });
   clearImage();
   const out = addMessage("assistant", "");
@@ -192,8 +230,18 @@ $("api-key").addEventListener("change", () => {
 $("image").addEventListener("change", () => {
   const f = $("image").files[0];
   if (!f) return clearImage();
+  const kind = kindOf(f, currentTakes());
+  if (!kind) {
+    clearImage();
+    status(f.name + ": this model takes " + (currentTakes().join(", ") || "text only"));
+    return;
+  }
   const reader = new FileReader();
-  reader.onload = () => { state.image = reader.result; $("image-name").textContent = f.name; };
+  reader.onload = () => {
+    state.attachment = { kind, url: reader.result, name: f.name, format: extension(f.name) };
+    $("image-name").textContent = kind + ": " + f.name;
+    status("");
+  };
   reader.readAsDataURL(f);
 });
 $("api-key").value = sessionStorage.getItem("llama-adapter-key") || "";
