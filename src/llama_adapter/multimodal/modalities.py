@@ -34,7 +34,7 @@ from .audio import EMBED_DIM, AisfxEncoder
 from .bind import BindProjection, EmbeddingSpace
 from .encoders import get_image_encoder
 from .inputs import MODALITIES, Input
-from .points import ENCODER_POINTS, PointEncoder, normalize_cloud
+from .points import PointEncoder
 from .video import VIDEO_FRAMES, embed_video
 
 MODALITY_FILE = "modalities.safetensors"
@@ -138,7 +138,7 @@ class ModalitySet(nn.Module):
             emb = torch.stack([enc.embed_wave(inputs[i].data) for i in rows["audio"]])
             out[rows["audio"]] = self._bound(self.adapter_audio, emb).to(dev, out.dtype)
         if rows["points"]:
-            clouds = torch.stack([normalize_cloud(inputs[i].data) for i in rows["points"]])
+            clouds = self.adapter_points.prepare([inputs[i].data for i in rows["points"]])
             out[rows["points"]] = self._bound(self.adapter_points, clouds).to(dev, out.dtype)
         if out.shape[1] != self.feature_dim:
             raise ValueError(f"encoder {self.image_encoder} gave {out.shape[1]} features, expected {self.feature_dim}")
@@ -182,7 +182,7 @@ class ModalitySet(nn.Module):
             m["audio"] = {"encoder": AisfxEncoder.cache_id, "in_dim": EMBED_DIM,
                           "hidden": self.adapter_audio.net[0].out_features}  # fmt: skip
         if self.adapter_points is not None:
-            m["points"] = {"encoder": "pointnet", "points": ENCODER_POINTS, **self.adapter_points.config()}
+            m["points"] = {"encoder": "pointnet", **self.adapter_points.config()}
         return m
 
     def save(self, adapter_dir: str | os.PathLike[str]) -> Path:
@@ -220,7 +220,7 @@ class ModalitySet(nn.Module):
         space = EmbeddingSpace(torch.zeros(dim), torch.ones(dim)) if rec.get("file") else None
         audio = BindProjection(EMBED_DIM, dim, rec["audio"]["hidden"]) if "audio" in rec else None
         pts = rec.get("points")
-        points = PointEncoder(dim, tuple(pts["widths"]), pts["hidden"]) if pts else None
+        points = PointEncoder(dim, tuple(pts["widths"]), pts["hidden"], points=pts["points"]) if pts else None
         out = cls(rec["image_encoder"], dim, tokens=bool(rec.get("tokens")), space=space, audio=audio, points=points,
                   video_frames=int((rec.get("video") or {}).get("frames", VIDEO_FRAMES)))  # fmt: skip
         if rec.get("file"):

@@ -29,7 +29,7 @@ from torch import nn
 from .bind import to_sphere
 
 MAX_POINTS = 65_536  # read at most this many points of a cloud (uniform random subsample, seed 0)
-ENCODER_POINTS = 1024  # points the encoder sees per cloud
+ENCODER_POINTS = 512  # points the encoder sees per cloud (by default; each encoder records its own)
 MAX_TEXT_BYTES = 2 << 30  # .xyz / ascii .ply larger than this are refused (convert to binary .ply or .npy)
 POINT_FORMATS = ("ply", "npy", "xyz")
 _PLY_TYPES = {
@@ -223,9 +223,16 @@ class PointEncoder(nn.Module):
     (as `bind.BindProjection`). Trained with `bind.train_binding`; `logit_scale` is its InfoNCE
     temperature."""
 
-    def __init__(self, out_dim: int, widths: tuple[int, ...] = (64, 128, 256), hidden: int = 256,
-                 dropout: float = 0.1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        out_dim: int,
+        widths: tuple[int, ...] = (64, 128, 256),
+        hidden: int = 256,
+        dropout: float = 0.1,
+        points: int = ENCODER_POINTS,
+    ) -> None:
         super().__init__()
+        self.points = points  # how many points of a cloud it sees (normalize_cloud)
         dims = (6, *widths)
         self.point_mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
         self.head = nn.Sequential(
@@ -245,7 +252,12 @@ class PointEncoder(nn.Module):
     def config(self) -> dict[str, object]:
         """What rebuilds this module (recorded in the adapter's metadata)."""
         widths = tuple(m.out_features for m in self.point_mlp)
-        return {"out_dim": self.head[-1].out_features, "widths": list(widths), "hidden": self.head[0].out_features}
+        return {"out_dim": self.head[-1].out_features, "widths": list(widths), "hidden": self.head[0].out_features,
+                "points": self.points}  # fmt: skip
+
+    def prepare(self, clouds: list[torch.Tensor]) -> torch.Tensor:
+        """Clouds [N_i, 6] as read -> the batch [B, points, 6] this encoder takes."""
+        return torch.stack([normalize_cloud(c, self.points) for c in clouds])
 
 
 def points_format(name: str) -> str | None:
