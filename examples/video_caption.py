@@ -229,8 +229,10 @@ def write_results(a, ap, rows, shifted, samples, refs, clips, shapes, shape_caps
         "",
         "| captions from | CIDEr-D, right items | wrong items: mean +- sd | wrong items: max | shifts >= right |",
         "|---|---|---|---|---|",
-        *[f"| {k} | {x:.4f} | {m:.4f} +- {sd:.4f} | {mx:.4f} | {ge}/{n - 1} |" for k, (x, m, sd, mx, ge) in
-          shifted.items()],  # fmt: skip
+        *[
+            f"| {k} | {x:.4f} | {m:.4f} +- {sd:.4f} | {mx:.4f} | {ge}/{n - 1} |"
+            for k, (x, m, sd, mx, ge) in shifted.items()
+        ],  # fmt: skip
         "",
         "Samples (first 4 held-out clips):",
         "",

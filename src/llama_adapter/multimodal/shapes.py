@@ -32,7 +32,7 @@ class Shape:
 
     @property
     def description(self) -> str:
-        return f"a {self.colour} {self.kind}"
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.colour} {self.kind}"
 
 
 def random_shape(seed: int, kinds: tuple[str, ...] = SHAPES) -> Shape:
