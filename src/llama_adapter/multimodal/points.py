@@ -169,7 +169,7 @@ def _read_ply(path: Path | None, f: io.BufferedIOBase, size: int, name: str) -> 
 def _read_npy(src: Path | io.BytesIO, name: str) -> np.ndarray:
     try:
         a = np.load(src, mmap_mode="r" if isinstance(src, Path) else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged header fails in numpy's parser with anything (SyntaxError, TokenError...)
         raise ValueError(f"{name} is not a readable .npy array ({type(e).__name__}: {e})") from e
     if not isinstance(a, np.ndarray) or a.dtype.kind not in "iuf":
         raise ValueError(f"{name} must hold a numeric array, not {getattr(a, 'dtype', type(a))}")
