@@ -191,3 +191,32 @@ def fuzz_json(path: Path, load: Any, limit_s: float = 20.0) -> dict[str, int]:
         variants.append(json.dumps({k: v for k, v in d.items() if k != key}))
         variants += [json.dumps({**d, key: v}) for v in odd]
     return _check_copies(path, [v.encode() for v in variants], load, limit_s)
+
+
+def modal_adapter(out: Path, model: Any, *, bind: bool = False, seed: int = 0) -> Path:
+    """An adapter on `model` (stories260k) that takes every modality, saved to `out`: V1 prompts plus the
+    clip-tiny visual projection (or, with `bind`, a bind network), and a `ModalitySet` with a random
+    image space, audio bind projection and point encoder (modalities.safetensors). Gates are opened and
+    the projections scaled so that each input visibly changes the generated text."""
+    from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, save_adapter
+    from llama_adapter.multimodal import BindProjection, EmbeddingSpace, ModalitySet, PointEncoder
+
+    torch.manual_seed(seed)
+    d = 128  # clip-tiny's feature size
+    kw = {"bind_dim": d, "bind_blocks": 1} if bind else {"visual_dim": d, "image_encoder": "clip-tiny"}
+    a = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=model.config.n_layers, **kw))
+    with torch.no_grad():
+        a.adapter.gates.fill_(1.0)
+        if bind:
+            for blk in model.layers:
+                blk.adapter_bind_gate.fill_(0.1)
+        else:
+            for p in a.adapter_visual.parameters():
+                p.normal_(0, 0.2)
+    space = EmbeddingSpace(torch.randn(d), torch.rand(d) + 0.5)
+    mods = ModalitySet("clip-tiny", d, space=space, audio=BindProjection(512, d, 16),
+                       points=PointEncoder(d, (8, 16), 16, points=64))  # fmt: skip
+    save_adapter(a, out, metadata={"template": "plain"})
+    mods.save(out)
+    a.detach_base()  # adapters wrap the base's modules in place: leave the shared model as it was
+    return out
