@@ -6,6 +6,7 @@ fixtures live in conftest.py.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -111,3 +112,13 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+HOOKS = Path(__file__).resolve().parent / "hooks"
+
+
+def fault_env(**env: str) -> dict[str, str]:
+    """Environment for a child process that loads tests/hooks/sitecustomize.py (fault injection:
+    LLAMA_ADAPTER_TEST_CRASH_RANK=..., LLAMA_ADAPTER_TEST_KILL_AT=...; see that file)."""
+    path = os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **env}

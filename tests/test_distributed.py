@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import STORIES
+from helpers import STORIES, fault_env
 from safetensors.torch import load_file
 
 from llama_adapter.cli import main
@@ -171,11 +171,9 @@ def test_resume_with_another_world_size_continues_the_same_curve(data, reference
 
 @pytest.mark.parametrize("mode", ["exit", "hang"])
 def test_a_failing_rank_stops_the_run_with_a_clear_error(data, tmp_path, mode):
-    env = {
-        "LLAMA_ADAPTER_TEST_CRASH_RANK": "1",
-        "LLAMA_ADAPTER_TEST_CRASH_STEP": "2",
-        "LLAMA_ADAPTER_TEST_CRASH_MODE": mode,
-    }
+    env = fault_env(
+        LLAMA_ADAPTER_TEST_CRASH_RANK="1", LLAMA_ADAPTER_TEST_CRASH_STEP="2", LLAMA_ADAPTER_TEST_CRASH_MODE=mode
+    )
     t0 = time.monotonic()
     p = run(devices_cmd(data, tmp_path / "run", batch_size=2, dist_timeout_s=4, eval_every=100), env)
     elapsed = time.monotonic() - t0
