@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED, STORIES, fault_env
+from helpers import SHARED, STORIES, cli_flags, fault_env, story_data, tiny_run
 
 from llama_adapter.adapter import load_adapter
 from llama_adapter.checkpoint import load_model
@@ -21,35 +21,12 @@ from llama_adapter.train import recipe as recipe_mod
 
 
 def small_dataset(tmp_path: Path, n: int = 24) -> Path:
-    rows = [
-        {"instruction": f"Tell a story about {name}.", "input": "", "output": f"{name} went to the park and was happy."}
-        for name in ["Lily", "Tom", "Sue", "Ben", "Max", "Mia", "Sam", "Amy"] * (n // 8)
-    ]
-    p = tmp_path / "data.json"
-    p.write_text(json.dumps(rows))
-    return p
+    return story_data(tmp_path, n)
 
 
 def args_for(tmp_path: Path, data: Path, **kw) -> TrainArgs:
-    base = dict(
-        model=str(STORIES),
-        data=str(data),
-        out=str(tmp_path / "run"),
-        template="alpaca",
-        adapter_len=4,
-        adapter_layers=5,
-        epochs=4,
-        batch_size=4,
-        lr=2e-2,
-        warmup_steps=2,
-        max_len=200,
-        val_fraction=0.25,
-        eval_every=5,
-        save_every=3,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainArgs(**base)
+    base = dict(data=str(data), out=str(tmp_path / "run"), epochs=4, val_fraction=0.25, eval_every=5, save_every=3)
+    return TrainArgs(**tiny_run(**{**base, **kw}))
 
 
 def test_cosine_schedule_shape():
@@ -118,61 +95,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_cli_finetune_then_generate_with_adapter(tmp_path, capsys):
     data = small_dataset(tmp_path)
     out = tmp_path / "cli"
-    rc = main(
-        [
-            "finetune",
-            "--model",
-            str(STORIES),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            "--template",
-            "alpaca",
-            "--adapter-len",
-            "2",
-            "--max-len",
-            "200",
-            "--eval-every",
-            "3",
-        ]
-    )
+    flags = cli_flags(model=STORIES, data=data, out=out, max_steps=3, template="alpaca", adapter_len=2, max_len=200)
+    rc = main(["finetune", *flags, "--eval-every", "3"])
     assert rc == 0
     assert "held-out loss" in capsys.readouterr().out
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(STORIES),
-            "--adapter",
-            str(out),
-            "--prompt",
-            "Tell a story about Lily.",
-            "--max-new-tokens",
-            "8",
-        ]
-    )
+    argv = ["generate", "--model", str(STORIES), "--adapter", str(out), "--prompt", "Tell a story about Lily."]
+    rc = main([*argv, "--max-new-tokens", "8"])
     assert rc == 0
     assert capsys.readouterr().out.strip()
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(STORIES),
-                "--data",
-                str(tmp_path / "missing.json"),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert main(["finetune", *cli_flags(model=STORIES, data=tmp_path / "missing.json", out=tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing.json" in err and "Traceback" not in err
     bad = tmp_path / "adapter"
@@ -184,28 +118,8 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
 def test_cli_adapters_list_inspect_and_convert_roundtrip(tmp_path, capsys):
     data = small_dataset(tmp_path)
     out = tmp_path / "ads" / "tiny"
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(STORIES),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--max-steps",
-                "2",
-                "--template",
-                "alpaca",
-                "--adapter-len",
-                "3",
-                "--max-len",
-                "200",
-            ]
-        )
-        == 0
-    )
+    flags = cli_flags(model=STORIES, data=data, out=out, max_steps=2, template="alpaca", adapter_len=3, max_len=200)
+    assert main(["finetune", *flags]) == 0
     capsys.readouterr()
     assert main(["adapters", "list", str(tmp_path / "ads")]) == 0
     listing = capsys.readouterr().out

@@ -352,17 +352,9 @@ def batch_indices(
     return batches
 
 
-def iterate_batches(
-    items: Sequence[Any],
-    batch_size: int,
-    pad_id: int,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-    sort_by_length: bool = True,
-    drop_last: bool = False,
-) -> Iterator[dict]:
-    """DataLoader-free iterator of collated batches over encoded items (see `batch_indices`)."""
+def iterate_batches(items: Sequence[Any], batch_size: int, pad_id: int, **order: Any) -> Iterator[dict]:
+    """DataLoader-free iterator of collated batches over encoded items; `order` are the keyword
+    arguments of `batch_indices` (shuffle, seed, epoch, sort_by_length, drop_last)."""
     lengths = [len(_get(it, "input_ids")) for it in items]
-    for b in batch_indices(lengths, batch_size, shuffle, seed, epoch, sort_by_length, drop_last):
+    for b in batch_indices(lengths, batch_size, **order):
         yield collate([items[i] for i in b], pad_id)

@@ -55,6 +55,9 @@ AdapterOptions.__doc__ = "AdapterConfig's trainable choices, as TrainArgs fields
 
 @dataclass
 class TrainArgs(AdapterOptions):  # type: ignore[misc, valid-type]
+    """Everything a `finetune` run is given; one field per command-line flag (`finetune --help`
+    takes each flag's help from the comment after its field, or AdapterConfig's for the adapter's)."""
+
     model: str = "smollm2-135m-instruct"
     data: str = ""  # one file, or several comma-separated (joint training: Alpaca JSON + image JSONL)
     out: str = "runs/adapter"  # run folder: adapter, step checkpoints, metrics.csv, loss.png

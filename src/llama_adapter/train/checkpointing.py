@@ -140,7 +140,10 @@ class Checkpointer:
         for folder, names in ((self.root, (".step-*.tmp", ".latest.*.tmp", ".tmp*")), (self.out, (".tmp*",))):
             for pattern in names:
                 for p in folder.glob(pattern) if folder.is_dir() else []:
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
         for name in RUN_FILES:  # _atomic_write's temporaries
             for p in self.out.glob(f".{name}.*.tmp") if self.out.is_dir() else []:
                 p.unlink(missing_ok=True)
@@ -231,37 +234,39 @@ def plot_losses(out: Path) -> Path | None:
     rows = read_metrics(out)
     if not rows:
         return None
-    plt = _pyplot()
     tr = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"] not in ("", None)]
     va = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"] not in ("", None)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train loss", alpha=0.7)
-    if va:
-        ax.plot(*zip(*va), "o-", label="held-out loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (response tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     path = out / LOSS_PLOT
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
-    return path
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, imported only when a plot is drawn (it is slow to import)."""
-    # The first import in a fresh environment builds the font cache and logs "generated new
-    # fontManager" (and, after 5 s, "Matplotlib is building the font cache"): noise on stderr.
-    fonts = logging.getLogger("matplotlib.font_manager")
-    level = fonts.level
-    fonts.setLevel(logging.ERROR)
-    try:
-        import matplotlib
+    with _quiet_matplotlib():
+        import matplotlib  # here, not at the top: slow to import, and only needed for this plot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if tr:
+            ax.plot(*zip(*tr), label="train loss", alpha=0.7)
+        if va:
+            ax.plot(*zip(*va), "o-", label="held-out loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (response tokens)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
+    return path
+
+
+@contextmanager
+def _quiet_matplotlib() -> Iterator[None]:
+    """matplotlib's own log lines are noise on a command's stderr: the first import in a fresh
+    environment builds the font cache ("generated new fontManager"; after 5 s "Matplotlib is
+    building the font cache"), and with -v every font lookup is logged."""
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
     finally:
-        fonts.setLevel(level)
-    return plt
+        logger.setLevel(level)

@@ -231,19 +231,25 @@ class Recipe:
             bar = tqdm(total=s.max_steps, initial=st.step, desc="finetune", file=sys.stderr, dynamic_ncols=True)
         self.model.train()
         self._clock = (time.perf_counter(), st.tokens, st.elapsed_s)
-        while st.step < s.max_steps:
-            for indices in self._epoch_batches():
-                loss = self.step(indices)
-                if not math.isfinite(loss):
-                    return self._stop_on_nan(loss, bar)
-                last = st.step == s.max_steps
-                val = self.evaluate() if self.val_batches and (st.step % args.eval_every == 0 or last) else None
-                self._record(loss, val, bar)
-                if self.checkpointer is not None and self.par.is_main and (st.step % args.save_every == 0 or last):
-                    self.save()
-                if last:
-                    break
-        return self._finish(bar)
+        bad_loss = None
+        try:  # the bar is closed before any error is printed, so the error starts a line
+            while st.step < s.max_steps and bad_loss is None:
+                for indices in self._epoch_batches():
+                    loss = self.step(indices)
+                    if not math.isfinite(loss):
+                        bad_loss = loss
+                        break
+                    last = st.step == s.max_steps
+                    val = self.evaluate() if self.val_batches and (st.step % args.eval_every == 0 or last) else None
+                    self._record(loss, val, bar)
+                    if self.checkpointer and self.par.is_main and (st.step % args.save_every == 0 or last):
+                        self.save()
+                    if last:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._finish() if bad_loss is None else self._stop_on_nan(bad_loss)
 
     def _epoch_batches(self) -> list[list[int]]:
         """The rest of the current epoch's global batches: the order depends only on seed and epoch,
@@ -355,22 +361,18 @@ class Recipe:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{st.lr:.2e}", tok_s=tok_s)
             bar.update(1)
 
-    def _stop_on_nan(self, loss: float, bar: tqdm | None) -> FitResult:
+    def _stop_on_nan(self, loss: float) -> FitResult:
         msg = (
             f"loss became {loss} at step {self.state.step}; stopping. The last good checkpoint "
             f"(step {self.last_saved}) is kept; lower --lr/--blr or use --precision fp32"
         )
         log.error(msg)
-        if bar is not None:
-            bar.close()
         if self.par.is_main:
             print(f"error: {msg}", file=sys.stderr)
         self.result.stopped, self.result.steps = "nan", self.state.step
         return self.result
 
-    def _finish(self, bar: tqdm | None) -> FitResult:
-        if bar is not None:
-            bar.close()
+    def _finish(self) -> FitResult:
         ckpt = self.checkpointer
         if ckpt is not None and self.par.is_main:
             with writing(f"{METRICS} and the loss plot", ckpt.out, ckpt.latest()):
