@@ -50,8 +50,8 @@ def test_zero_init_equal_with_and_without_image():
 def test_finetune_with_images_then_generate(tmp_path, capsys):
     data, images = image_data(tmp_path)
     out = tmp_path / "run"
-    images = dict(image_encoder="efficientnet-lite0", feature_cache=str(tmp_path / "cache"))
-    run = dict(epochs=6, val_data=str(data), eval_every=6, save_every=100, **images)
+    encoder = dict(image_encoder="efficientnet-lite0", feature_cache=str(tmp_path / "cache"))
+    run = dict(epochs=6, val_data=str(data), eval_every=6, save_every=100, **encoder)
     args = TrainArgs(**tiny_run(data=str(data), out=str(out), **run))
     res = finetune(args)
     assert res.val_losses[-1][1] < res.val_losses[0][1] - 0.1, res.val_losses
