@@ -152,10 +152,11 @@ def spawn(args: argparse.Namespace):
     import torch
     import uvicorn
 
-    from llama_adapter.serve import ServeOptions, build_app, load_engine
+    from llama_adapter.loading import load_stack
+    from llama_adapter.serve import Scheduler, ServeOptions, build_app
 
     torch.set_num_threads(args.threads)
-    engine = load_engine(args.spawn, max_batch=args.max_batch, max_queue=max(64, args.concurrency))
+    engine = Scheduler(load_stack(args.spawn), max_batch=args.max_batch, max_queue=max(64, args.concurrency))
     args.model = args.model or engine.base_name
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

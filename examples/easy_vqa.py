@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from llama_adapter.evaluate import EvalArgs, MCItem, easyvqa_kind, load_easyvqa, load_for_eval, mc_body, run
+from llama_adapter.evaluate import EvalArgs, MCItem, easyvqa_kind, load_easyvqa, mc_body, run
+from llama_adapter.loading import load_stack
 from llama_adapter.multimodal import VQA_SUFFIX, easyvqa_to_jsonl, load_image_examples
 from llama_adapter.train import TrainArgs, finetune
 
@@ -123,12 +124,12 @@ def main() -> int:
         batch_size=16,
         progress=False,
     )
-    model, tok, meta = load_for_eval(a.model, str(run_dir))
+    stack = load_stack(a.model, str(run_dir), template="plain")
     grey = out / "grey.png"
     Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
     reports = {}
     t = time.time()
-    reports["adapter + image"] = run(replace(ev, adapter=str(run_dir)), model, tok, meta)
+    reports["adapter + image"] = run(replace(ev, adapter=str(run_dir)), stack)
     print(f"adapter + image: {reports['adapter + image']['accuracy']:.4f} ({time.time() - t:.0f}s)", flush=True)
     # Blank image: the same questions, every image replaced by one grey picture (run() reads the
     # items itself, so this condition goes through eval_mc via a jsonl of the same items).
@@ -152,13 +153,13 @@ def main() -> int:
     )
     t = time.time()
     reports["adapter + blank (grey) image"] = run(
-        replace(ev, adapter=str(run_dir), format="jsonl", data=str(grey_jsonl)), model, tok, meta
+        replace(ev, adapter=str(run_dir), format="jsonl", data=str(grey_jsonl)), stack
     )
     print(f"grey: {reports['adapter + blank (grey) image']['accuracy']:.4f} ({time.time() - t:.0f}s)", flush=True)
-    del model
-    base, tok, _ = load_for_eval(a.model, None)
+    del stack
+    base = load_stack(a.model, template="plain")
     t = time.time()
-    reports["base model, text only (no adapter)"] = run(ev, base, tok, None)
+    reports["base model, text only (no adapter)"] = run(ev, base)
     print(f"base: {reports['base model, text only (no adapter)']['accuracy']:.4f} ({time.time() - t:.0f}s)", flush=True)
     total = time.time() - t0
 

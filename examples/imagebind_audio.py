@@ -4,7 +4,7 @@ images only, then caption from audio alone.
     nice -n 5 .venv/bin/python examples/imagebind_audio.py --flickr ../shared/data/flickr8k_1k
 
 1. Frozen encoders: EfficientNet-Lite0 (pip weights) gives each Flickr photo an image embedding
-   (its 4 pooled feature scales, 1752 numbers), aisfx (pip weights, `llama_adapter.audio`) gives
+   (its 4 pooled feature scales, 1752 numbers), aisfx (pip weights, `llama_adapter.multimodal.audio`) gives
    each spoken caption (`audio/<photo>.mp3`, the photo's first caption read by a TTS voice) a
    512-number audio embedding. Both are cached on disk, so a re-run skips extraction.
 2. Binding (ImageBind): the image embeddings define the space (`EmbeddingSpace`: z-scored with
@@ -39,24 +39,22 @@ from llama_adapter.adapter import (
     read_adapter_config,
     save_adapter,
 )
-from llama_adapter.audio import (
-    EMBED_DIM,
-    EmbeddingSpace,
-    cache_enhance,
-    embed_audio_files,
-    recall_at_k,
-    train_bind_projection,
-)
 from llama_adapter.checkpoint import load_model
 from llama_adapter.data import InstructionDataset
 from llama_adapter.generate import SamplingParams, generate_text
 from llama_adapter.metrics import caption_scores
 from llama_adapter.multimodal import (
     CAPTION_INSTRUCTION,
+    EMBED_DIM,
+    EmbeddingSpace,
     FeatureCache,
+    cache_enhance,
+    embed_audio_files,
     flickr8k_to_jsonl,
     load_image_encoder,
     load_image_examples,
+    recall_at_k,
+    train_bind_projection,
 )
 from llama_adapter.tokenizer import load_tokenizer, render_chat
 from llama_adapter.train import TrainArgs, fit
@@ -104,6 +102,7 @@ def main() -> int:
     ap.add_argument("--proj-dropout", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="bind projection, adapter init and data order")
     ap.add_argument("--adapter", help="skip training: caption with an adapter an earlier run saved (OUT/adapter)")
     ap.add_argument("--results", default="examples/results/imagebind_audio.md")
     a = ap.parse_args()
@@ -139,7 +138,7 @@ def main() -> int:
     space = EmbeddingSpace.fit(img_train)
     z_train, z_val = space(img_train), space(img_val)
     proj, losses = train_bind_projection(
-        aud_train, z_train, steps=a.proj_steps, hidden=a.proj_hidden, dropout=a.proj_dropout
+        aud_train, z_train, steps=a.proj_steps, hidden=a.proj_hidden, dropout=a.proj_dropout, seed=a.seed
     )
     with torch.no_grad():
         a2i_train, a2i_val = proj(aud_train), proj(aud_val)
@@ -170,6 +169,9 @@ def main() -> int:
         steps, (v0, v1), n_train = meta["steps"], meta["val_loss"], meta["n_train_images"]
         times[f"caption adapter: loaded from {a.adapter} (trained in {meta['train_seconds'] / 60:.1f} min)"] = 0.0
     else:
+        # Seeded right here: the adapter's init must not depend on what ran before (it used to
+        # depend on whether the audio cache was warm, i.e. on whether an encoder had been built).
+        torch.manual_seed(a.seed)
         model = AdaptedLLaMA(base, cfg)
         examples = [{"messages": chat(first_caption[p])} for p in train_imgs[:n_train]]
         # InstructionDataset carries one embedding per example in `visual` (collate stacks it); the
@@ -180,7 +182,7 @@ def main() -> int:
         val_ds = InstructionDataset(val_ex, tok, template, a.max_len, visual=(z_val[:40], torch.ones(len(val_ex))))
         args = TrainArgs(model=a.model, out=str(out / "adapter"), epochs=1, batch_size=a.batch_size,
                          max_len=a.max_len, lr=a.lr, warmup_steps=10, eval_every=10_000, save_every=10_000,
-                         weight_decay=0.02)  # fmt: skip
+                         weight_decay=0.02, seed=a.seed)  # fmt: skip
 
         def make_ctx(batch: dict[str, torch.Tensor]):
             return model.prompt_state(bind=batch["visual"])

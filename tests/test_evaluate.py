@@ -13,6 +13,7 @@ from llama_adapter.data import encode_example
 from llama_adapter.evaluate import (
     EvalArgs,
     MCItem,
+    as_stack,
     eval_loss,
     eval_mc,
     format_table,
@@ -23,6 +24,7 @@ from llama_adapter.evaluate import (
     score_batch,
     split_continuation,
 )
+from llama_adapter.evaluate import mc as mc_scoring
 from llama_adapter.model import LLaMA
 from llama_adapter.tokenizer import load_tokenizer
 
@@ -251,7 +253,7 @@ def test_parse_answer():
 
 def test_generate_method_parses_outputs(tok, monkeypatch):
     outs = iter([[" B.", " (A) dog", " no idea"]])
-    monkeypatch.setattr(ev, "_generate", lambda model, tok, texts, n, ctx: next(outs))
+    monkeypatch.setattr(mc_scoring, "greedy_answers", lambda model, tok, texts, n, ctx: next(outs))
     items = [item(), item(answer=0), item(answer=2)]
     res = eval_mc(tiny_model(), tok, items, method="generate", batch_size=3)
     assert [p["pred"] for p in res["predictions"]] == [1, 0, None]
@@ -301,7 +303,7 @@ def test_run_writes_report_and_table(tmp_path, tok):
         progress=False,
         batch_size=2,
     )
-    rep = ev.run(args, model=tiny_model(), tok=tok)
+    rep = ev.run(args, as_stack(tiny_model(), tok))
     saved = json.loads(out.read_text())
     assert saved["n"] == 2 and saved["n_skipped"] == 1 and saved["format"] == "scienceqa"
     assert set(saved["groups"]) == {"subject", "context", "grade"}
@@ -311,11 +313,11 @@ def test_run_writes_report_and_table(tmp_path, tok):
 
     data = tmp_path / "val.json"
     data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."}]))
-    rep = ev.run(EvalArgs(task="loss", data=str(data), template="alpaca", progress=False), model=tiny_model(), tok=tok)
+    rep = ev.run(EvalArgs(task="loss", data=str(data), template="alpaca", progress=False), as_stack(tiny_model(), tok))
     assert rep["perplexity"] == pytest.approx(math.exp(rep["loss"]))
     assert "perplexity" in format_table(rep)
     with pytest.raises(ValueError, match="--task loss reads instruction data"):
-        ev.run(EvalArgs(task="loss", data=str(root), format="scienceqa"), model=tiny_model(), tok=tok)
+        ev.run(EvalArgs(task="loss", data=str(root), format="scienceqa"), as_stack(tiny_model(), tok))
 
 
 def test_easyvqa_items():

@@ -8,24 +8,28 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_llama
+from helpers import STORIES, fuzz_file, fuzz_json, tiny_llama
 from safetensors.torch import save_file
 
-from llama_adapter.adapter import AdaptedLLaMA, AdapterBank, AdapterConfig, load_adapter, save_adapter
+from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, load_adapter, save_adapter
 from llama_adapter.checkpoint import load_model
 from llama_adapter.generate import SamplingParams, generate
 from llama_adapter.interop import (
     base_config,
     convert_adapter,
     convert_base,
+    detect_format,
     infer_official_shape,
     inspect_adapter,
     list_adapters,
     merge_adapter,
     merge_bias_scale,
+    read_official,
     read_ours,
+    read_peft,
 )
 from llama_adapter.model import LLaMA
+from llama_adapter.tokenizer import load_tokenizer
 
 torch.set_num_threads(1)
 
@@ -336,85 +340,6 @@ def test_peft_parity_export(hf_base, tmp_path):
         torch.testing.assert_close(pm(idx).logits, ours(idx), atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------- several adapters
-@pytest.fixture
-def bank_setup(tmp_path):
-    base = tiny_llama(n_layers=4, std=0.1, frozen=True)
-    a = random_adapter(base, L=2, K=3, act="tanh", seed=1)
-    save_adapter(a, tmp_path / "a")
-    b = random_adapter(base, L=3, K=3, act="identity", seed=2)  # more layers: padded with gate 0 in the bank
-    save_adapter(b, tmp_path / "b")
-    b.detach_base()
-    return base, tmp_path
-
-
-@pytest.mark.parametrize("order", [("b", "a"), ("a", "b")])  # L=3 then L=2 (padded below) and the reverse
-def test_bank_rows_match_single_adapters(bank_setup, order):
-    base, d = bank_setup
-    ptrs = {k: v.data_ptr() for k, v in base.state_dict().items()}
-    bank = AdapterBank(base)
-    for name in order:
-        bank.add(name, d / name)
-    assert bank.names() == list(order) and bank.model is base
-    idx = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(5))
-    names = ["a", "b", None, "a"]
-    with torch.no_grad():
-        got = bank(idx, rows=bank.rows(names))
-        got_noprecompute = base(idx, ctx=bank.prompt_state(bank.rows(names), precompute=False))
-        for r, name in enumerate(names):
-            if name is None:
-                want = base(idx[r : r + 1], ctx=None)
-            else:
-                single = load_adapter(base, d / name)
-                want = single(idx[r : r + 1])
-            torch.testing.assert_close(got[r : r + 1], want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(got, got_noprecompute, atol=1e-6, rtol=1e-6)
-    # one base: no base tensor was copied or re-allocated, the bank holds only the adapters' tensors
-    assert {k: v.data_ptr() for k, v in base.state_dict().items()} == ptrs
-    assert sum(isinstance(m, LLaMA) for m in bank.modules()) == 1
-    assert bank.prompts.numel() + bank.gates.numel() == 3 * 3 * (3 * 32 + 4)  # (N + 1) x L_max x (K*dim + H)
-
-
-def test_bank_generate_per_row(bank_setup):
-    base, d = bank_setup
-    bank = AdapterBank(base)
-    bank.add("a", d / "a")
-    bank.add("b", d / "b")
-    prompts = [[1, 5, 9, 2], [7, 3], [4, 4, 8], [11, 12, 13, 14, 15]]
-    names = ["b", None, "a", "b"]
-    params = SamplingParams(max_new_tokens=6)
-    got = generate(base, prompts, params, ctx=bank.prompt_state(bank.rows(names)))
-    ptrs = [p.data_ptr() for p in base.parameters()]
-    for p, name, out in zip(prompts, names, got):
-        model = base if name is None else load_adapter(base, d / name)
-        assert generate(model, [p], params) == [out]
-    assert [p.data_ptr() for p in base.parameters()] == ptrs
-
-
-def test_bank_errors(bank_setup, tmp_path):
-    base, d = bank_setup
-    bank = AdapterBank(base)
-    bank.add("a", d / "a")
-    with pytest.raises(ValueError, match="already loaded"):
-        bank.add("a", d / "b")
-    k5 = random_adapter(base, L=2, K=5)
-    save_adapter(k5, tmp_path / "k5")
-    with pytest.raises(ValueError, match="same prompt length K"):
-        bank.add("k5", tmp_path / "k5")
-    with pytest.raises(ValueError, match="unknown adapter 'zzz'"):
-        bank.rows(["zzz"])
-    with pytest.raises(ValueError, match="indices in -1..0"):
-        bank.prompt_state(torch.tensor([3]))
-    other = tiny_llama(n_layers=3, std=0.1, frozen=True)
-    v2 = AdaptedLLaMA(other, AdapterConfig(adapter_len=3, adapter_layers=2, bias_scale=True))
-    save_adapter(v2, tmp_path / "v2")
-    v2.detach_base()
-    with pytest.raises(ValueError, match="n_layers"):
-        bank.add("v2", tmp_path / "v2")  # another base
-    with pytest.raises(ValueError, match="not a text-only V1"):
-        AdapterBank(other).add("v2", tmp_path / "v2")
-
-
 # ------------------------------------------------------------------------------------ inspect and list
 def test_inspect_and_list(meta_base, tmp_path):
     d, _, _ = meta_base
@@ -473,8 +398,65 @@ def test_merge(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(idx), want, atol=1e-5, rtol=1e-5)
 
-    class NoV2:
-        adapter_config = object()
 
-    with pytest.raises(NotImplementedError):
-        merge_bias_scale(NoV2())
+# ------------------------------------------------------------------------------------- bad input (issue 18)
+def test_convert_base_writes_the_tokenizer(tmp_path):
+    """`convert base` output is a model directory of its own: `generate --model hf_out` needs no flag."""
+    if not STORIES.exists():
+        pytest.skip(f"{STORIES} not found")
+    report = convert_base(STORIES, tmp_path / "hf")
+    assert report["tokenizer_files"] == ["tokenizer.bin"] and report["notes"] == []
+    params = SamplingParams(max_new_tokens=24)
+    tokens = []
+    for spec in (STORIES, tmp_path / "hf"):
+        model = load_model(spec, progress=False)
+        tok = load_tokenizer(model.config.extra["tokenizer"])
+        tokens.append(generate(model, [tok.encode("Once upon a time", bos=True)], params)[0])
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 24
+
+
+@pytest.fixture
+def adapter_files(meta_base, tmp_path):
+    """An official .pth, a PEFT directory and ours, all for the tiny Meta base (given as its Config)."""
+    d, _, _ = meta_base
+    make_official_adapter(tmp_path / "official.pth")
+    convert_adapter(tmp_path / "official.pth", tmp_path / "ours", base=d)
+    convert_adapter(tmp_path / "ours", tmp_path / "peft", to="peft")
+    return base_config(d), tmp_path
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+def test_fuzz_official_and_peft_adapter_files(adapter_files, slow):
+    base, d = adapter_files
+    sizes = dict(cuts=150, flips=300, seed=1) if slow else dict(cuts=12, flips=12)
+    for path, read in [
+        (d / "official.pth", lambda: (read_official(d / "official.pth", base), inspect_adapter(d / "official.pth"))),
+        (d / "peft" / "adapter_model.safetensors", lambda: (read_peft(d / "peft", base), inspect_adapter(d / "peft"))),
+        (d / "peft" / "adapter_config.json", lambda: (read_peft(d / "peft", base), inspect_adapter(d / "peft"))),
+        (d / "ours" / "adapter.safetensors", lambda: (read_ours(d / "ours"), inspect_adapter(d / "ours"))),
+    ]:
+        fuzz_file(path, read, head=1024, **sizes)
+    fuzz_json(d / "peft" / "adapter_config.json", lambda: (read_peft(d / "peft", base), inspect_adapter(d / "peft")))
+
+
+def test_malformed_adapter_files_are_one_line_errors(adapter_files):
+    base, d = adapter_files
+    (d / "peft" / "adapter_config.json").write_text("[1, 2]")
+    for call in (lambda: convert_adapter(d / "peft", d / "x", base=base), lambda: inspect_adapter(d / "peft")):
+        with pytest.raises(ValueError, match=r"adapter_config.json: expected a JSON object, found a list"):
+            call()
+    (d / "peft" / "adapter_config.json").write_text(json.dumps({"adapter_len": 10}))  # no peft_type
+    with pytest.raises(ValueError, match="neither a llama-adapter config .* nor a PEFT config"):
+        detect_format(d / "peft")
+    with pytest.raises(ValueError, match="peft_type=None; only ADAPTION_PROMPT"):
+        read_peft(d / "peft", base)
+    meta = json.loads((d / "ours" / "adapter_config.json").read_text())
+    (d / "ours" / "adapter_config.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "base"}))
+    with pytest.raises(ValueError, match="needs an 'adapter' object and a 'base' object"):
+        read_ours(d / "ours")
+    torch.save({"adapter_query.weight": "rows", "layers.3.attention.gate": torch.ones(1)}, d / "official.pth")
+    with pytest.raises(ValueError, match="'adapter_query.weight' is a str, not a tensor"):
+        read_official(d / "official.pth", base)
+    torch.save({"adapter_query.weight": torch.nn.Linear(2, 2)}, d / "official.pth")
+    with pytest.raises(ValueError, match=r"holds arbitrary Python objects \(torch.nn.modules.linear.Linear\)"):
+        convert_adapter(d / "official.pth", d / "x", base=base)

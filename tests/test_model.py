@@ -78,25 +78,27 @@ def test_kv_cache_prefill_and_decode_match_transformers(pair):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
-def test_left_padded_batch_matches_each_row_alone(pair):
+def test_rows_of_different_lengths_share_a_cache(pair):
+    """The decode engine's layout: right-padded prompts prefilled together (logits taken at each
+    row's last real token), then one-token steps at per-row positions; every row equals
+    transformers on that row alone."""
     hf, ours = pair
     torch.manual_seed(3)
     lengths = [9, 5, 7]
     rows = [torch.randint(0, 128, (1, n)) for n in lengths]
     T = max(lengths)
-    pad = torch.tensor([T - n for n in lengths])
-    batch = torch.stack([torch.cat([torch.zeros(T - n, dtype=torch.long), r[0]]) for r, n in zip(rows, lengths)])
+    batch = torch.stack([torch.cat([r[0], torch.zeros(T - n, dtype=torch.long)]) for r, n in zip(rows, lengths)])
+    nxt = torch.randint(0, 128, (3, 2))
     with torch.no_grad():
-        out = ours(batch, pad=pad)
         cache = ours.new_cache(3, 16)
-        pre = ours(batch, pad=pad, cache=cache)
-        nxt = torch.randint(0, 128, (3, 1))
-        step = ours(nxt, start=T, pad=pad, cache=cache)
-    torch.testing.assert_close(pre, out)
+        last = ours(batch, cache=cache, keep=torch.tensor(lengths) - 1)
+        pos = torch.tensor(lengths)
+        steps = [ours(nxt[:, i : i + 1], start=pos + i, cache=cache) for i in range(2)]
     for i, (r, n) in enumerate(zip(rows, lengths)):
-        torch.testing.assert_close(out[i, T - n :], hf_logits(hf, r)[0], atol=1e-5, rtol=0)
-        full = hf_logits(hf, torch.cat([r, nxt[i : i + 1]], dim=1))[0, -1]
-        torch.testing.assert_close(step[i, 0], full, atol=1e-5, rtol=0)
+        full = hf_logits(hf, torch.cat([r, nxt[i : i + 1]], dim=1))[0]
+        torch.testing.assert_close(last[i, 0], full[n - 1], atol=1e-5, rtol=0)
+        for j in range(2):
+            torch.testing.assert_close(steps[j][i, 0], full[n + j], atol=1e-5, rtol=0)
 
 
 def test_save_hf_loads_in_transformers(pair, tmp_path):
@@ -109,3 +111,11 @@ def test_save_hf_loads_in_transformers(pair, tmp_path):
     torch.testing.assert_close(hf_logits(again, ids), hf_logits(hf, ids), atol=1e-6, rtol=0)
     # and back: our loader reads what we wrote
     torch.testing.assert_close(load_model(tmp_path).state_dict()["output.weight"], ours.output.weight)
+
+
+@pytest.mark.parametrize("bad", [dict(n_kv_heads=0), dict(hidden_dim=-1), dict(vocab_size=0), dict(max_seq_len=0)])
+def test_config_sizes_must_be_positive(bad):
+    from llama_adapter.config import Config
+
+    with pytest.raises(ValueError, match="must be positive integers"):
+        Config(**bad)

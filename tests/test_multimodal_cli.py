@@ -22,7 +22,8 @@ from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, save_adapter
 from llama_adapter.checkpoint import load_model
 from llama_adapter.cli import main
 from llama_adapter.evaluate import EvalArgs, run
-from llama_adapter.generate import SamplingParams, encoder_weights, generate_text, image_prompt_state
+from llama_adapter.generate import SamplingParams, generate_text
+from llama_adapter.loading import encoder_weights, image_prompt_state
 from llama_adapter.multimodal import CLIP_CONFIGS, ClipViTEncoder, load_image_encoder
 from llama_adapter.tokenizer import load_tokenizer
 

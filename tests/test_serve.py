@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -17,10 +18,10 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from helpers import LiveServer, serve_engine, stories260k, wait_for  # noqa: E402
+from helpers import LiveServer, serve_engine, wait_for  # noqa: E402
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig  # noqa: E402
-from llama_adapter.serve import Engine, Job, Sampling, ServeOptions, build_app  # noqa: E402
+from llama_adapter.serve import Job, Sampling, Scheduler, ServeOptions, build_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,80 +84,54 @@ def run_jobs(engine, jobs, timeout=60):
 
 def test_continuous_batching_matches_unbatched_greedy(engine):
     """Rows of different lengths and adapters, arriving while others decode, produce exactly the
-    tokens of one-at-a-time greedy decoding (left-padded insertion, per-row prompts, slot reuse)."""
+    tokens of one-at-a-time greedy decoding (per-row positions, per-row prompts, slot reuse)."""
     engine.start()
     model, tok = engine.model, engine.tokenizer
-    prompts = ["Once upon a time", "Lily", "The big dog ran to the park and", "Tom had a red ball"]
-    names = ["stories260k", "tiny", "stories260k", "tiny"]
-    lengths = [12, 30, 7, 20]
-    recorded: dict[int, list[int]] = {}
-    orig = engine._accept
-
-    def spy(rows, tokens):  # record the engine's raw token ids per job
-        for r, t in zip(rows, tokens):
-            recorded.setdefault(r.job.index, []).append(t)
-        orig(rows, tokens)
-
-    engine._accept = spy
-    try:
-        jobs = [
-            Job(n, tok.encode(p, bos=True), Sampling(max_tokens=m, temperature=0, ignore_eos=True), index=i)
-            for i, (p, n, m) in enumerate(zip(prompts, names, lengths))
-        ]
-        steps0 = engine.stats["steps"]
-        run_jobs(engine, jobs[:2])  # then a second wave joins a fresh batch
-        first = [jobs[2], jobs[3]]
-        run_jobs(engine, first)
-        # a staggered wave: one long row running, others join while it decodes
-        more = [
-            Job("tiny", tok.encode("Lily", bos=True), Sampling(max_tokens=40, temperature=0, ignore_eos=True), index=4)
-        ]
-        engine.submit(more)
-        wait_for(lambda: len(recorded.get(4, [])) > 3, what="row 4 to start")
-        late = Job("stories260k", tok.encode("Once upon a time", bos=True),
-                   Sampling(max_tokens=12, temperature=0, ignore_eos=True), index=5)  # fmt: skip
-        run_jobs(engine, [late])
-        assert more[0].done.wait(30)
-    finally:
-        engine._accept = orig
-    assert engine.stats["steps"] > steps0
-    tiny_ctx = engine.models["tiny"].adapter.prompt_state()
-    specs = [*zip(prompts, names, lengths), ("Lily", "tiny", 40), ("Once upon a time", "stories260k", 12)]
-    for i, (p, name, n) in enumerate(specs):
-        ctx = tiny_ctx if name == "tiny" else None
-        want = reference_greedy(model, tok.encode(p, bos=True), n, ctx)
-        assert recorded[i] == want, f"row {i} ({name}) differs from unbatched greedy"
+    greedy = dict(temperature=0, ignore_eos=True)
+    specs = [("Once upon a time", "stories260k", 12), ("Lily", "tiny", 30), ("The big dog ran to the park and",
+             "stories260k", 7), ("Tom had a red ball", "tiny", 20)]  # fmt: skip
+    jobs = [Job(n, tok.encode(p, bos=True), Sampling(max_tokens=m, **greedy), index=i)
+            for i, (p, n, m) in enumerate(specs)]  # fmt: skip
+    steps0 = engine.snapshot()["steps"]
+    run_jobs(engine, jobs[:2])
+    run_jobs(engine, jobs[2:])  # then a second wave joins a fresh batch
+    # a staggered wave: one long row running, another joins while it decodes
+    long = Job("tiny", tok.encode("Lily", bos=True), Sampling(max_tokens=40, **greedy), index=4)
+    engine.submit([long])
+    wait_for(lambda: len(long.tokens) > 3, what="row 4 to start")
+    late = Job("stories260k", tok.encode("Once upon a time", bos=True), Sampling(max_tokens=12, **greedy), index=5)
+    run_jobs(engine, [late])
+    assert long.done.wait(30)
+    assert engine.snapshot()["steps"] > steps0
+    tiny_ctx = engine.stack.adapters["tiny"].model.prompt_state()
+    for job in [*jobs, long, late]:
+        ctx = tiny_ctx if job.model == "tiny" else None
+        want = reference_greedy(model, job.prompt_ids, job.sampling.max_tokens, ctx)
+        assert job.tokens == want, f"row {job.index} ({job.model}) differs from unbatched greedy"
     # the adapter changes the continuation (its gates are non-zero), so rows really used their own prompts
-    assert reference_greedy(model, tok.encode("Lily", bos=True), 30) != recorded[1]
+    assert reference_greedy(model, tok.encode("Lily", bos=True), 30) != jobs[1].tokens
     assert engine.snapshot()["active"] == 0
 
 
-def test_rows_survive_cache_compaction():
-    """With a short KV cache the write position runs out while rows keep joining: the engine shifts
-    the rows left (dropping common padding) and decoding stays exact."""
-    e = serve_engine(adapters=False, max_context=64).start()
+def test_rows_join_and_leave_a_short_cache():
+    """Two slots, a short context and five rows that join and leave while others decode: every row
+    is still exact (each row keeps its own cache positions; freed slots are reused)."""
+    e = serve_engine(adapters=False, max_batch=2, max_context=64).start()
     try:
         tok = e.tokenizer
-        recorded: dict[int, list[int]] = {}
-        orig = e._accept
-
-        def spy(rows, tokens):
-            for r, t in zip(rows, tokens):
-                recorded.setdefault(r.job.index, []).append(t)
-            orig(rows, tokens)
-
-        e._accept = spy
         greedy = dict(temperature=0, ignore_eos=True)
         a = Job("stories260k", tok.encode("Once upon a time", bos=True), Sampling(max_tokens=50, **greedy), index=0)
         e.submit([a])
-        wait_for(lambda: len(recorded.get(0, [])) >= 30, what="row 0 to get going")
-        b = Job("stories260k", tok.encode("Lily", bos=True), Sampling(max_tokens=45, **greedy), index=1)
-        e.submit([b])
-        assert a.done.wait(30) and b.done.wait(30)
-        for job in (a, b):
+        wait_for(lambda: len(a.tokens) >= 30, what="row 0 to get going")
+        more = [("Lily", 45), ("Tom", 9), ("The cat", 20), ("Once", 5)]
+        rest = [Job("stories260k", tok.encode(p, bos=True), Sampling(max_tokens=n, **greedy), index=i)
+                for i, (p, n) in enumerate(more, start=1)]  # fmt: skip
+        e.submit(rest)
+        for job in [a, *rest]:
+            assert job.done.wait(30)
             want = reference_greedy(e.model, job.prompt_ids, job.sampling.max_tokens)
-            assert recorded[job.index] == want
-        assert e.stats["compactions"] >= 1
+            assert job.tokens == want, f"row {job.index} differs"
+        assert e.snapshot()["active"] == 0
     finally:
         e.stop()
 
@@ -376,18 +351,32 @@ def test_queue_full_gives_429_with_retry_after():
         e.stop()
 
 
-def test_different_adapter_lengths_wait_for_each_other():
-    """Adapters with different prompt lengths K cannot share a decode step: the second waits
-    (in order) and both still finish."""
-    model, tok = stories260k()
-    a = AdaptedLLaMA(model, AdapterConfig(adapter_len=4, adapter_layers=2))
-    b = AdaptedLLaMA(model, AdapterConfig(adapter_len=2, adapter_layers=2))
-    e = Engine(model, tok, name="base", adapters={"a": a, "b": b}, max_batch=4).start()
+def test_adapters_with_different_lengths_share_steps():
+    """Adapters with different prompt lengths K (and the frozen base) decode in the same steps: the
+    shorter prompt blocks are padded and masked, and every row equals its row decoded alone."""
+    from helpers import serve_stack
+
+    from llama_adapter.loading import LoadedAdapter
+
+    stack = serve_stack(adapters=False)
+    model, tok = stack.model, stack.tokenizer
+    torch.manual_seed(1)
+    for name, k, layers in (("a", 4, 4), ("b", 2, 5)):
+        ad = AdaptedLLaMA(model, AdapterConfig(adapter_len=k, adapter_layers=layers))
+        with torch.no_grad():
+            ad.adapter.gates.uniform_(1.0, 2.0)
+        stack.adapters[name] = LoadedAdapter(name, ad.eval(), {}, "plain", "")
+    e = Scheduler(stack, max_batch=4).start()
     try:
         jobs = [Job(n, tok.encode("Once", bos=True), Sampling(max_tokens=10, temperature=0, ignore_eos=True), index=i)
-                for i, n in enumerate(["a", "b", "base", "a"])]  # fmt: skip
+                for i, n in enumerate(["a", "b", "stories260k", "a"])]  # fmt: skip
         run_jobs(e, jobs)
         assert all(j.finish_reason == "length" and j.completion_tokens == 10 for j in jobs)
+        assert e.snapshot()["steps"] <= 10  # one shared batch, not one adapter after the other
+        for j in jobs:
+            ctx = None if j.model == "stories260k" else stack.adapters[j.model].model.prompt_state()
+            assert j.tokens == reference_greedy(model, j.prompt_ids, 10, ctx), j.model
+        assert len({tuple(j.tokens) for j in jobs}) == 3  # a, b and the base each say something else
     finally:
         e.stop()
 
@@ -420,7 +409,7 @@ def test_client_disconnect_cancels_generation(live):
         # leaving the block closes the connection mid-stream
     wait_for(lambda: e.snapshot()["cancelled"] == before + 1 and e.snapshot()["active"] == 0,
              what="the engine to cancel the row")  # fmt: skip
-    assert e._pos == 0 and not e._rows and not e._pads  # the slot is free, nothing left behind
+    assert not e.engine.rows  # the slot is free, nothing left behind
     # the server still works
     with httpx.Client(base_url=live.url, timeout=30) as c:
         assert c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 3}).status_code == 200
@@ -446,3 +435,60 @@ def test_openai_client(live):
         client.chat.completions.create(model="missing", messages=msgs)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="stories260k", messages=msgs, max_tokens=-1)
+
+
+def test_health_answers_while_the_largest_prompt_is_tokenised(live):
+    """Tokenising runs off the event loop: /health answers within 100 ms while the largest prompt
+    the server accepts (by its character bound) is being tokenised, and a 7 MB message (under the
+    body limit) is refused at once, before any tokenising."""
+    import concurrent.futures
+
+    from llama_adapter.serve.http import MAX_CHARS_PER_TOKEN
+
+    e = live.engine
+    biggest = "Once upon a time " * (e.max_prompt_tokens * MAX_CHARS_PER_TOKEN // 17)
+    with httpx.Client(base_url=live.url, timeout=60) as c:
+        t = time.perf_counter()
+        r = c.post("/v1/completions", json={"prompt": "x" * (7 << 20), "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert time.perf_counter() - t < 5
+
+        def big():
+            return c.post("/v1/completions", json={"prompt": biggest, "max_tokens": 1})
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(big)
+            time.sleep(0.05)  # the request is in: its body is read, its text being tokenised
+            worst = 0.0
+            while not fut.done():
+                t = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                worst = max(worst, time.perf_counter() - t)
+            assert fut.result().status_code == 400  # far over the token limit, found by tokenising
+    assert worst < 0.1, f"/health took {worst * 1000:.0f} ms while a prompt was tokenised"
+
+
+def test_hundred_disconnects_leave_no_rows_and_no_growing_memory(live):
+    import resource
+
+    e = live.engine
+    body = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+    def abandon(n):
+        for _ in range(n):
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            break  # the first token arrived: hang up mid-stream
+
+    abandon(20)  # warm up allocators and caches
+    wait_for(lambda: e.snapshot()["active"] == 0, what="rows to be freed")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cancelled0 = e.snapshot()["cancelled"]
+    abandon(100)
+    wait_for(lambda: e.snapshot()["active"] == 0 and e.snapshot()["queued"] == 0, what="rows to be freed")
+    assert e.snapshot()["cancelled"] - cancelled0 >= 95  # a few may finish before the hang-up lands
+    assert not e.engine.rows
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    assert grown_mb < 50, f"peak RSS grew {grown_mb:.0f} MB over 100 abandoned requests"

@@ -4,8 +4,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import LLAMA2C
+from helpers import LLAMA2C, fuzz_file, fuzz_json
 
+from llama_adapter.checkpoint import read_gguf_metadata
 from llama_adapter.tokenizer import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -13,8 +14,8 @@ from llama_adapter.tokenizer import (
     ScoreBPETokenizer,
     SentencePieceTokenizer,
     alpaca_prompt,
+    export_tokenizer,
     load_tokenizer,
-    read_gguf_metadata,
     render_chat,
 )
 
@@ -82,7 +83,7 @@ def test_sentencepiece_known_ids_and_roundtrip(spm, sp_raw):
     assert (spm.bos_id, spm.eos_id, spm.vocab_size, spm.pad_id) == (1, 2, 32000, 2)
     assert spm.encode("Hello world", bos=True) == [1, 15043, 3186]
     assert spm.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
-    assert spm.chat_template == "alpaca" and spm.add_bos and spm.stop_ids == {2}
+    assert spm.chat_template is None and spm.add_bos and spm.stop_ids == {2}
     for s in TEXTS:
         ids = spm.encode(s)
         assert ids == sp_raw.encode(s)
@@ -223,7 +224,7 @@ def test_hf_tokenizer_json_trained_bpe(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     t = load_tokenizer(tmp_path / "tokenizer.json")
     assert (t.bos_id, t.eos_id, t.pad_id) == (0, 1, 1)
-    assert t.stop_ids == {1, 2} and t.chat_template == "alpaca"
+    assert t.stop_ids == {1, 2} and t.chat_template is None
     for s in TEXTS:
         assert t.decode(t.encode(s, bos=True, eos=True)) == s
     assert t.encode("hi<|im_end|>")[-1] == 2
@@ -310,3 +311,148 @@ def test_alpaca_prompts():
     sys_msgs = [{"role": "system", "content": "Be terse."}, *msgs[:1]]
     assert render_chat(sys_msgs, "alpaca") == "Be terse.\n\n### Instruction:\nA?\n\n### Response:\n"
     assert render_chat(msgs, "plain") == "A?\na.\nB?\n"
+
+
+# ------------------------------------------------------------------------------------- damaged files (issue 18)
+GGUF_FIELDS: dict[str, tuple[str, dict]] = {}  # name -> (tokenizer model, write_tokenizer_gguf fields)
+
+
+def write_tokenizer_gguf(path: Path, model: str, tokens: list[str], **fields) -> None:
+    """A GGUF holding only a tokenizer (`fields`: scores, types, merges, bos, eos, template, and `meta`
+    overrides {key: (value, GGUFValueType)} or {key: None} to drop a key)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    w.add_token_list(tokens)
+    if "scores" in fields:
+        w.add_token_scores(fields["scores"])
+    if "types" in fields:
+        w.add_token_types(fields["types"])
+    if "merges" in fields:
+        w.add_token_merges(fields["merges"])
+    w.add_bos_token_id(fields.get("bos", 1))
+    w.add_eos_token_id(fields.get("eos", 2))
+    if "template" in fields:
+        w.add_chat_template(fields["template"])
+    for key, value in fields.get("meta", {}).items():  # overrides: (value, type), or None to drop the key
+        if value is None:
+            w.kv_data[0].pop(key, None)
+        else:
+            w.add_key_value(key, *value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    """One small file of every tokenizer format: tok512.bin, a trained SentencePiece .model, a trained
+    tokenizer.json, and GGUFs with a byte-level BPE ('gpt2') and a SentencePiece-style ('llama') vocabulary."""
+    import io
+    import shutil
+
+    import sentencepiece
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("tiny_tokenizers")
+    shutil.copy(TOK512, d / "tok512.bin")
+    spm_bytes = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 20), model_writer=spm_bytes, vocab_size=400, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", minloglevel=2,
+    )  # fmt: skip
+    (d / "tiny.model").write_bytes(spm_bytes.getvalue())
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(d / "tiny.model"))
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    spm_fields = dict(tokens=[sp.id_to_piece(i) for i in range(n)], scores=[sp.get_score(i) for i in range(n)],
+                      types=types, template="<|im_start|>")  # fmt: skip
+    GGUF_FIELDS["spm.gguf"] = ("llama", spm_fields)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(TEXTS * 20, trainer)
+    tok.save(str(d / "tokenizer.json"))
+    bpe = json.loads(tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    GGUF_FIELDS["bpe.gguf"] = ("gpt2", dict(tokens=tokens, merges=merges, types=[3, 3, 3] + [1] * (len(tokens) - 3),
+                                            bos=0, eos=1))  # fmt: skip
+    for name, (model, fields) in GGUF_FIELDS.items():
+        write_tokenizer_gguf(d / name, model, **fields)
+    return {
+        p.name: p for p in (d / "tok512.bin", d / "tiny.model", d / "tokenizer.json", d / "spm.gguf", d / "bpe.gguf")
+    }
+
+
+def encodes(path: Path):
+    """What a fuzzed copy must do: load and encode/decode some text, or refuse with a one-line error."""
+
+    def run() -> None:
+        tok = load_tokenizer(path)
+        tok.decode(tok.encode(STREAM_TEXT, bos=True, eos=True))
+
+    return run
+
+
+@pytest.mark.parametrize("slow", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("name", ["tok512.bin", "tiny.model", "tokenizer.json", "spm.gguf", "bpe.gguf"])
+def test_fuzz_tokenizer_files(tiny_files, tmp_path, name, slow):
+    path = tmp_path / name
+    path.write_bytes(tiny_files[name].read_bytes())
+    assert encodes(path)() is None  # the undamaged file loads
+    sizes = dict(cuts=150, flips=300, seed=1) if slow else dict(cuts=12, flips=12)
+    head = min(len(path.read_bytes()), 4096)
+    counts = fuzz_file(path, encodes(path), head=head, **sizes)
+    assert counts["refused"]
+
+
+def test_fuzz_gguf_tokenizer_metadata_by_meaning(tiny_files, tmp_path):
+    """Each tokenizer key of both GGUF vocabularies dropped, of another type, too short or out of range."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    for name in ("spm.gguf", "bpe.gguf"):
+        model, fields = GGUF_FIELDS[name]
+        n = len(fields["tokens"])
+        odd = [None, ("x", T.STRING), (n + 5, T.UINT32), (2**40, T.UINT64), (-1.5, T.FLOAT32), (True, T.BOOL),
+               ([1, 2], T.ARRAY), (["a b", "c"], T.ARRAY), ([7] * n, T.ARRAY)]  # fmt: skip
+        keys = ["model", "tokens", "token_type", "scores", "merges", "bos_token_id", "eos_token_id",
+                "padding_token_id", "unknown_token_id", "add_bos_token", "add_space_prefix", "pre"]  # fmt: skip
+        path = tmp_path / name
+        for key in [f"tokenizer.ggml.{k}" for k in keys] + ["tokenizer.chat_template"]:
+            for value in odd:
+                write_tokenizer_gguf(path, model, **fields, meta={key: value})
+                fuzz_file(path, encodes(path), cuts=0, flips=0)
+
+
+def test_fuzz_tokenizer_configs_by_meaning(tiny_files, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes(tiny_files["tokenizer.json"].read_bytes())
+    cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "</s>", "add_bos_token": True,
+           "chat_template": [{"name": "default", "template": "<|im_start|>"}]}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_tokenizer(tmp_path).chat_template == "chatml"
+    fuzz_json(tmp_path / "tokenizer_config.json", encodes(tmp_path))
+    fuzz_json(tmp_path / "tokenizer.json", encodes(tmp_path))
+
+
+def test_export_tokenizer_for_a_model_directory(tiny_files, smollm, tmp_path):
+    """What `convert base` writes beside the weights loads back as the same tokenizer."""
+    cases = [(SMOLLM_GGUF, smollm, ["tokenizer.json", "tokenizer_config.json"]),
+             (tiny_files["spm.gguf"], None, ["tokenizer.bin", "tokenizer_config.json"]),
+             (TOK512, None, ["tokenizer.bin"]), (tiny_files["tiny.model"], None, ["tokenizer.model"])]  # fmt: skip
+    for i, (src, tok, files) in enumerate(cases):
+        tok = tok or load_tokenizer(src)
+        out = tmp_path / str(i)
+        assert export_tokenizer(src, out) == files
+        again = load_tokenizer(out / files[0] if files[0] != "tokenizer.json" else out)
+        assert (again.bos_id, again.eos_id, again.add_bos, again.chat_template) == (
+            tok.bos_id, tok.eos_id, tok.add_bos, tok.chat_template if files[0] != "tokenizer.bin" else None,
+        )  # fmt: skip
+        for text in [*TEXTS, STREAM_TEXT]:
+            assert again.encode(text) == tok.encode(text)
+            assert again.decode(again.encode(text, bos=True)) == tok.decode(tok.encode(text, bos=True))

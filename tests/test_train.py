@@ -317,8 +317,8 @@ def test_schedule_steps_anneals_a_short_run(tmp_path):
 def test_finetune_help_takes_each_option_from_its_dataclass_comment(capsys):
     from dataclasses import fields
 
-    from llama_adapter.adapter import AdapterConfig
     from llama_adapter.cli import _field_comments, main
+    from llama_adapter.config import AdapterConfig
     from llama_adapter.train import ADAPTER_OPTIONS
 
     own, adapter = _field_comments(TrainArgs), _field_comments(AdapterConfig)
@@ -402,7 +402,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, quick_da
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
     argv = _finetune_argv(quick(tmp_path, quick_data), verbose=False)
-    assert main(argv) == 1
+    assert main(argv) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: could not write checkpoint step-0000002"), errors
     assert f"in {out / 'checkpoints'}: the disk is full" in errors[0]
@@ -447,7 +447,7 @@ BAD_FLAGS = [
     (["--save-every", "0"], "--save-every 0: must be >= 1"),
     (["--val-fraction", "1"], "--val-fraction 1.0: must be in [0, 1)"),
     (["--precision", "fp8"], "--precision 'fp8': choose one of fp32, bf16, fp16"),
-    (["--template", "llama3"], "--template 'llama3': choose one of alpaca, chatml, plain"),
+    (["--template", "llama3"], "--template 'llama3': choose auto or one of alpaca, chatml, plain"),
     (["--image-encoder", "resnet"], "--image-encoder 'resnet': choose one of efficientnet-lite0"),
     (["--strategy", "zero3"], "--strategy 'zero3': choose one of ddp, fsdp"),
     (["--adapter-layers", "0"], "--adapter-layers 0: must be >= 1"),

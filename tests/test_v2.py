@@ -11,6 +11,7 @@ from llama_adapter.adapter import (
     param_groups,
     save_adapter,
 )
+from llama_adapter.config import v2_trainable_count
 from llama_adapter.model import LLaMA
 from llama_adapter.v2 import (
     AdapterRMSNorm,
@@ -18,7 +19,6 @@ from llama_adapter.v2 import (
     ScaledLinear,
     fold_bias_scale,
     folded_llama,
-    v2_trainable_count,
 )
 
 V2 = dict(bias_scale=True, train_norms=True)
@@ -125,13 +125,13 @@ def test_fold_bias_scale_gives_identical_logits(zero_bias):
                     mod.adapter_bias.zero_()
         with pytest.raises(ValueError, match="allow_bias"):
             torch.nn.init.ones_(base.layers[0].attention.wq.adapter_bias.data)
-            fold_bias_scale(m)
+            fold_bias_scale(m.model)
         with torch.no_grad():
             base.layers[0].attention.wq.adapter_bias.zero_()
     x = idx()
     with torch.no_grad():
         want = m(x)
-    sd = fold_bias_scale(m, allow_bias=not zero_bias)
+    sd = fold_bias_scale(m.model, allow_bias=not zero_bias)
     assert not any("adapter" in k for k in sd)
     assert any(k.endswith(".bias") for k in sd) == (not zero_bias)
     plain = folded_llama(base.config, sd).double().eval()
@@ -212,7 +212,7 @@ def test_fold_zero_bias_exports_to_hf_and_reloads(tmp_path):
     x = idx()
     with torch.no_grad():
         want = m(x)
-    save_hf(folded_llama(base.config, fold_bias_scale(m)), tmp_path / "hf")
+    save_hf(folded_llama(base.config, fold_bias_scale(m.model)), tmp_path / "hf")
     reloaded = load_model(tmp_path / "hf", progress=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,128 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import Config
-from .model import Attention, LLaMA, sdpa
+from .config import AdapterConfig, Config
+from .model import Attention, LLaMA, Positions, sdpa
+from .v2 import BindNetwork, VisualQuery, apply_v2, remove_v2
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
-
-
-@dataclass
-class AdapterConfig:
-    adapter_len: int = 10  # K: prompt vectors per adapted layer (paper: 10)
-    adapter_layers: int = 30  # L: how many of the top layers are adapted (paper: 30 of 32)
-    # The official code keeps prompts in an nn.Embedding, whose default init is N(0, 1).
-    init_std: float = 1.0
-    # The gate's starting value: 0 is the paper's zero-init attention; others exist for ablations.
-    gate_init: float = 0.0
-    # "tanh" as in the paper and the official training code; "identity" reproduces the official
-    # inference code and PEFT, which apply the raw gate.
-    gate_activation: str = "tanh"
-    # Multimodal (paper section 3.3): size of the frozen encoder's concatenated multi-scale global
-    # features; 0 = text-only. One projection shared by all adapted layers (the paper adds the same
-    # projected visual feature to every layer's prompts).
-    visual_dim: int = 0
-    visual_hidden: int = 0  # hidden width of the projection MLP; 0 = the model width
-    image_encoder: str | None = None  # recorded so inference builds the same frozen encoder
-    # LLaMA-Adapter V2 / ImageBind-LLM options (implemented in v2.py).
-    bias_scale: bool = False  # y = scale * (W x + b) on every block linear, bias 0 / scale 1 at init
-    train_norms: bool = False  # RMSNorm weights trainable (as copies named adapter_weight)
-    # Early fusion: the visual feature goes only into the first `visual_layers` adapted layers'
-    # prompts; later layers keep text-only prompts. 0 = every adapted layer (V1).
-    visual_layers: int = 0
-    # ImageBind-LLM bind network: modality embedding size (0 = off), residual blocks, hidden width
-    # (0 = 4 * dim); its token is added to every layer through zero-init gates.
-    bind_dim: int = 0
-    bind_blocks: int = 3
-    bind_hidden: int = 0
-    # V2 visual-query blocks (v2.VisualQuery) instead of the global-feature VisualProjection:
-    # `adapter_len` learnable queries attend to the encoder's patch tokens through this many small
-    # transformer blocks (0 = off). The adapter then takes `visual_tokens` x `visual_token_dim`
-    # tokens per image, passed flattened, so `visual_dim` = visual_tokens * visual_token_dim and
-    # every [B, visual_dim] feature path (cache, collate, generate, serve) carries them unchanged.
-    visual_query_blocks: int = 0
-    visual_query_dim: int = 0  # block width; 0 = the model width
-    visual_query_heads: int = 4
-    visual_tokens: int = 0  # N tokens per image from the encoder (e.g. 49 for a 7x7 feature map)
-    visual_token_dim: int = 0  # d, the width of one encoder token
-
-    def validate(self, base: Config) -> None:
-        if self.adapter_len < 1:
-            raise ValueError(f"adapter_len={self.adapter_len}: need at least one prompt vector; use --adapter-len 10")
-        if not 1 <= self.adapter_layers <= base.n_layers:
-            raise ValueError(
-                f"adapter_layers={self.adapter_layers}, but the model has {base.n_layers} layers; "
-                f"choose 1..{base.n_layers}"
-            )
-        if self.gate_activation not in ("tanh", "identity"):
-            raise ValueError(f"gate_activation={self.gate_activation!r}: choose 'tanh' or 'identity'")
-        if self.visual_dim < 0:
-            raise ValueError(f"visual_dim={self.visual_dim} must be >= 0")
-        if self.visual_layers:
-            if self.visual_dim == 0:
-                raise ValueError(
-                    f"visual_layers={self.visual_layers} (early fusion) needs image features, but "
-                    "visual_dim=0 (no image encoder); drop visual_layers or set an image encoder"
-                )
-            if not 0 < self.visual_layers <= self.adapter_layers:
-                raise ValueError(
-                    f"visual_layers={self.visual_layers} must be in 1..adapter_layers={self.adapter_layers}; "
-                    "drop visual_layers or lower it"
-                )
-        self._validate_visual_query()
-        if self.bind_dim < 0 or self.bind_blocks < 0 or self.bind_hidden < 0:
-            raise ValueError("bind_dim, bind_blocks and bind_hidden must be >= 0")
-        if self.bind_dim == 0 and (self.bind_blocks != 3 or self.bind_hidden):
-            raise ValueError("bind_blocks/bind_hidden are set but bind_dim=0 (no bind network); drop them")
-
-    def _validate_visual_query(self) -> None:
-        q = self.visual_query_blocks
-        if q < 0 or self.visual_query_dim < 0 or self.visual_tokens < 0 or self.visual_token_dim < 0:
-            raise ValueError("visual_query_blocks, visual_query_dim, visual_tokens and visual_token_dim must be >= 0")
-        if not q:
-            extra = [f for f in ("visual_query_dim", "visual_tokens", "visual_token_dim") if getattr(self, f)]
-            if self.visual_query_heads != 4:
-                extra.append("visual_query_heads")
-            if extra:
-                raise ValueError(
-                    f"{', '.join(extra)} set but visual_query_blocks=0 (no visual-query blocks); "
-                    "drop them or set visual_query_blocks"
-                )
-            return
-        if self.visual_dim == 0:
-            raise ValueError(
-                f"visual_query_blocks={q} needs an image encoder's patch tokens, but visual_dim=0 (no image "
-                "encoder); drop visual_query_blocks or set an image encoder"
-            )
-        if self.visual_tokens * self.visual_token_dim != self.visual_dim:
-            raise ValueError(
-                f"visual_query_blocks={q} takes visual_tokens x visual_token_dim = {self.visual_tokens} x "
-                f"{self.visual_token_dim} flattened features, but visual_dim={self.visual_dim}; take all three "
-                "from the encoder (multimodal.visual_config)"
-            )
-        if self.visual_hidden:
-            raise ValueError(
-                "visual_hidden sizes the global-feature projection, which visual_query_blocks replaces; "
-                "drop visual_hidden (use visual_query_dim)"
-            )
-        if self.visual_query_heads < 1 or self.visual_query_dim % self.visual_query_heads:
-            raise ValueError(
-                f"visual_query_dim={self.visual_query_dim} must be divisible by visual_query_heads="
-                f"{self.visual_query_heads} (0 = the model width, checked when the adapter is built)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown adapter config keys {sorted(unknown)}; this version knows {sorted(known)}")
-        return cls(**d)
 
 
 def is_adapter_param(name: str) -> bool:
@@ -165,6 +50,8 @@ class LayerPrompt:
     prompt: torch.Tensor  # [B or 1, K, dim]
     gate: torch.Tensor  # [B or 1, n_heads], activation already applied
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed [B or 1, n_kv_heads, K, head_dim]
+    # [B, K] True = a real prompt slot; set when rows with different K share a batch (stack_prompts)
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -176,6 +63,56 @@ class PromptState:
 
     def get(self, layer_idx: int) -> LayerPrompt | None:
         return self.layers.get(layer_idx)
+
+    def row(self, b: int) -> PromptState:
+        """Row b of a batched (precomputed) state as a state of its own; [1, ...] tensors broadcast."""
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None or t.shape[0] == 1 else t[b : b + 1]
+
+        layers = {
+            i: LayerPrompt(pick(lp.prompt), pick(lp.gate), None if lp.kv is None else (pick(lp.kv[0]), pick(lp.kv[1])),
+                           pick(lp.mask))
+            for i, lp in self.layers.items()
+        }  # fmt: skip
+        return PromptState(layers, pick(self.bind))
+
+
+def stack_prompts(states: list[PromptState | None]) -> PromptState | None:
+    """One state for a batch whose row b uses `states[b]` (precomputed, one row each): the single
+    mechanism for mixing adapters, images and plain rows in one forward. A row without a state, or
+    whose adapter does not reach a layer, gets gate 0 there: its prompt branch adds exactly nothing.
+    Rows with different prompt lengths K are padded and masked, so any adapters can share a step."""
+    real = [s for s in states if s is not None]
+    if not real:
+        return None
+    if all(s is real[0] for s in states):
+        return real[0]  # one adapter for the whole batch: broadcast, nothing to gather
+    out = PromptState()
+    for i in sorted({i for s in real for i in s.layers}):
+        lps = [None if s is None else s.layers.get(i) for s in states]
+        ref = next(lp for lp in lps if lp is not None)
+        if any(lp is not None and lp.kv is None for lp in lps):
+            raise ValueError("stack_prompts needs precomputed prompt K/V (prompt_state(precompute=True))")
+        k_max = max(lp.kv[0].shape[2] for lp in lps if lp is not None)
+        ks, vs, gs, ms = [], [], [], []
+        for lp in lps:
+            k, v = ref.kv if lp is None else lp.kv
+            pad = k_max - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, 0, pad)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, 0, pad)))
+            gs.append(torch.zeros_like(ref.gate) if lp is None else lp.gate)
+            m = torch.ones(1, k_max, dtype=torch.bool, device=k.device)
+            m[:, k.shape[2] :] = False
+            ms.append(m if lp is None or lp.mask is None else m & torch.nn.functional.pad(lp.mask, (0, pad)))
+        mask = torch.cat(ms)
+        out.layers[i] = LayerPrompt(ref.prompt.new_zeros(0), torch.cat(gs), (torch.cat(ks), torch.cat(vs)),
+                                    None if bool(mask.all()) else mask)  # fmt: skip
+    binds = [None if s is None else s.bind for s in states]
+    ref_b = next((b for b in binds if b is not None), None)
+    if ref_b is not None:
+        out.bind = torch.cat([torch.zeros_like(ref_b) if b is None else b for b in binds])
+    return out
 
 
 class AdaptedAttention(Attention):
@@ -201,26 +138,39 @@ class AdaptedAttention(Attention):
         base.n_heads, base.n_kv_heads, base.head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         return base
 
-    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts through this layer's frozen K/V projections: no RoPE, no norm (as official)."""
+    def prompt_kv(self, prompt: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts through this layer's frozen K/V projections: no RoPE, no norm (as official).
+        `dtype`: the activations' (the projections may hold packed integer weights)."""
         B, K, _ = prompt.shape
-        prompt = prompt.to(self.wk.weight.dtype)
+        w = self.wk.weight
+        prompt = prompt.to(dtype or (w.dtype if w.is_floating_point() else torch.float32))
         k = self.wk(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ctx: Any
-    ) -> torch.Tensor:
-        y = sdpa(q, k, v, mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
+        y = super().attend(q, k, v, at, ctx)
         lp = ctx.get(self.layer_idx) if isinstance(ctx, PromptState) else None
         if lp is None:
             return y
         pk, pv = lp.kv if lp.kv is not None else self.prompt_kv(lp.prompt)
-        B = q.shape[0]
-        # Every token sees every prompt: no mask, and a softmax separate from the sequence's.
-        yp = sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), None, causal=False)
-        return y + lp.gate.to(y.dtype).expand(B, -1)[:, :, None, None] * yp
+        gate = lp.gate.to(y.dtype)
+        B, n, K = q.shape[0], pk.shape[0], pk.shape[2]
+        # Every token sees every prompt: no causal mask, and a softmax separate from the sequence's.
+        pmask = None if lp.mask is None else lp.mask[:, None, None, :]
+        if at.packing is not None and n > 1:
+            # Packed rows with per-example prompts (images): each token attends to its own example's
+            # K prompts among all examples' (one masked softmax, no loop), and takes its gate.
+            ex = at.example_of_token  # [B, T]
+            own = ex[:, :, None] == torch.arange(n, device=ex.device).repeat_interleave(K)[None, None]
+            if lp.mask is not None:
+                own = own & lp.mask.reshape(-1)[None, None]
+            flat_k = pk.transpose(0, 1).reshape(1, pk.shape[1], n * K, -1).expand(B, -1, -1, -1)
+            flat_v = pv.transpose(0, 1).reshape(1, pv.shape[1], n * K, -1).expand(B, -1, -1, -1)
+            yp = sdpa(q, flat_k, flat_v, own[:, None], causal=False)
+            return y + gate.expand(n, -1)[ex].permute(0, 2, 1)[..., None] * yp
+        yp = sdpa(q, pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1), pmask, causal=False)
+        return y + gate.expand(B, -1)[:, :, None, None] * yp
 
 
 class AdaptionPrompt(nn.Module):
@@ -275,27 +225,29 @@ class AdaptedLLaMA(nn.Module):
         config.validate(model.config)
         self.model = model
         self.adapter_config = config
-        device = model.tok_embeddings.weight.device
+        device = model.device
         self.adapter = AdaptionPrompt(config, model.config).to(device)
-        from . import v2  # V2 bias/scale, trainable norms, visual query and bind injection live in v2.py
-
         if config.visual_query_blocks and (config.visual_query_dim or model.config.dim) % config.visual_query_heads:
             raise ValueError(
                 f"the visual-query width {config.visual_query_dim or model.config.dim} is not divisible by "
                 f"visual_query_heads={config.visual_query_heads}; set visual_query_dim or visual_query_heads"
             )
+        c = model.config
         # One attribute for either visual module, so callers can test `adapter_visual is not None`.
         self.adapter_visual: nn.Module | None = None
         if config.visual_query_blocks:
-            self.adapter_visual = v2.make_visual_query(config, model.config).to(device)
+            self.adapter_visual = VisualQuery(
+                config.visual_tokens, config.visual_token_dim, config.adapter_len, c.dim,
+                config.visual_query_dim, config.visual_query_blocks, config.visual_query_heads,
+            ).to(device)  # fmt: skip
         elif config.visual_dim:
-            self.adapter_visual = VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
-        n = model.config.n_layers
-        self.adapted_layers = list(range(n - config.adapter_layers, n))
+            self.adapter_visual = VisualProjection(config.visual_dim, c.dim, config.visual_hidden).to(device)
+        self.adapted_layers = list(range(c.n_layers - config.adapter_layers, c.n_layers))
 
-        v2.apply_v2(model, config)
-        self.adapter_bind = v2.make_bind(config, model.config)
-        if self.adapter_bind is not None:
+        apply_v2(model, bias_scale=config.bias_scale, train_norms=config.train_norms, bind=bool(config.bind_dim))
+        self.adapter_bind: BindNetwork | None = None
+        if config.bind_dim:
+            self.adapter_bind = BindNetwork(config.bind_dim, c.dim, config.bind_blocks, config.bind_hidden, c.norm_eps)
             self.adapter_bind.to(device)
         for i in self.adapted_layers:
             attn = model.layers[i].attention
@@ -388,9 +340,7 @@ class AdaptedLLaMA(nn.Module):
             attn = self.model.layers[i].attention
             if isinstance(attn, AdaptedAttention):
                 self.model.layers[i].attention = attn.unwrap()
-        from . import v2
-
-        v2.remove_v2(self.model)
+        remove_v2(self.model)
         return self.model
 
 
@@ -520,157 +470,3 @@ def load_adapter_weights(model: AdaptedLLaMA, path: str | Path) -> None:
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(sd[name].to(p.dtype))
-
-
-# ------------------------------------------------------------------------------------ several adapters
-class AdapterBank(nn.Module):
-    """Several V1 prompt adapters over ONE frozen base; each row of a batch picks its own.
-
-    The base's top attentions are wrapped once (in place, sharing the base weights, exactly as
-    `AdaptedLLaMA` does); the bank itself holds only the adapters' small tensors, stacked:
-    `prompts` [N + 1, L, K, dim] and activated gates `gates` [N + 1, L, n_heads] (the last entry is
-    "no adapter": zero prompts, zero gates). Switching adapters is a gather, never a reload.
-
-        bank = AdapterBank(base)
-        bank.add("alpaca", "runs/alpaca"); bank.add("code", "runs/code")
-        rows = bank.rows(["alpaca", None, "code"])         # LongTensor [B]; -1 = frozen base
-        logits = bank(idx, rows=rows)                       # or: generate(base, prompts, params,
-                                                            #        ctx=bank.prompt_state(rows))
-
-    Shapes across adapters: every adapter must have the same `adapter_len` K (prompt blocks of
-    different lengths cannot share one softmax without a mask; a clear error says so). Different
-    `adapter_layers` are padded, exactly: the bank adapts the top max(L) layers and an adapter with
-    fewer layers gets gate 0 (and zero prompts) in the layers below its own, which adds nothing.
-    Gates are stored activated (`tanh(g)` or `g`), so adapters with different `gate_activation`
-    mix freely. Only text V1 adapters fit: V2 bias/scale, trainable norms and bind networks live in
-    the base modules (one per base, see v2.py) and visual adapters need their projection; use
-    `AdaptedLLaMA` for those.
-    """
-
-    def __init__(self, model: LLaMA) -> None:
-        super().__init__()
-        if isinstance(model, AdaptedLLaMA):
-            model = model.model
-        self.model = model
-        self._names: list[str] = []
-        self.adapter_len: int | None = None
-        self.adapted_layers: list[int] = []
-        c = model.config
-        self.register_buffer("prompts", torch.zeros(1, 0, 0, c.dim), persistent=False)
-        self.register_buffer("gates", torch.zeros(1, 0, c.n_heads), persistent=False)
-
-    @property
-    def config(self) -> Config:
-        return self.model.config
-
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def index(self, name: str | None) -> int:
-        if name is None:
-            return -1
-        if name not in self._names:
-            raise ValueError(f"unknown adapter {name!r}; loaded: {', '.join(self._names) or '(none)'}")
-        return self._names.index(name)
-
-    def rows(self, names: list[str | None]) -> torch.Tensor:
-        """Adapter names per row (None = frozen base) -> the LongTensor [B] `prompt_state` takes."""
-        return torch.tensor([self.index(n) for n in names], dtype=torch.long, device=self.prompts.device)
-
-    def add(self, name: str, adapter: str | Path | AdaptedLLaMA) -> None:
-        """Load an adapter directory (`save_adapter` format) or take an `AdaptedLLaMA`'s tensors
-        (it must wrap this bank's base). Converted PEFT / official adapters: see interop.py."""
-        if name in self._names:
-            raise ValueError(f"adapter name {name!r} is already loaded; pick another name")
-        if isinstance(adapter, AdaptedLLaMA):
-            if adapter.model is not self.model:
-                raise ValueError(f"adapter {name!r} wraps a different base model object; load it onto the bank's base")
-            cfg = adapter.adapter_config
-            prompts, raw_gates = adapter.adapter.prompts.detach(), adapter.adapter.gates.detach()
-        else:
-            meta = read_adapter_config(adapter)
-            check_compatible(meta, self.config, where=str(adapter))
-            cfg = AdapterConfig.from_dict(meta["adapter"])
-            cfg.validate(self.config)
-            path = Path(adapter) / ADAPTER_WEIGHTS
-            if not path.is_file():
-                raise ValueError(f"adapter weights {path} not found")
-            sd = load_file(path)
-            want = {
-                "adapter.prompts": (cfg.adapter_layers * cfg.adapter_len, self.config.dim),
-                "adapter.gates": (cfg.adapter_layers, self.config.n_heads),
-            }
-            self._check_v1(name, cfg, extra=sorted(set(sd) - set(want)))
-            for key, shape in want.items():
-                if key not in sd or tuple(sd[key].shape) != shape:
-                    got = list(sd[key].shape) if key in sd else "missing"
-                    raise ValueError(f"{path}: {key} is {got}, expected {list(shape)} for K={cfg.adapter_len}, "
-                                     f"L={cfg.adapter_layers} on this base")  # fmt: skip
-            prompts, raw_gates = sd["adapter.prompts"], sd["adapter.gates"]
-        self._check_v1(name, cfg)
-        if self.adapter_len is not None and cfg.adapter_len != self.adapter_len:
-            raise ValueError(
-                f"adapter {name!r} has adapter_len={cfg.adapter_len}, the bank's adapters have "
-                f"{self.adapter_len}; adapters in one bank need the same prompt length K (use a second bank)"
-            )
-        gates = torch.tanh(raw_gates.float()) if cfg.gate_activation == "tanh" else raw_gates.float()
-        self._append(name, prompts.float().view(cfg.adapter_layers, cfg.adapter_len, -1), gates)
-
-    def _check_v1(self, name: str, cfg: AdapterConfig, extra: list[str] | None = None) -> None:
-        v2 = [f for f in ("bias_scale", "train_norms", "visual_dim", "bind_dim") if getattr(cfg, f, 0)]
-        if v2 or extra:
-            raise ValueError(
-                f"adapter {name!r} is not a text-only V1 prompt adapter ({', '.join(v2) or extra} set); "
-                "V2/bind adapters change base modules and visual adapters need their projection, so they "
-                "cannot share a base in a bank; load them with load_adapter instead"
-            )
-
-    def _append(self, name: str, prompts: torch.Tensor, gates: torch.Tensor) -> None:
-        """prompts [L, K, dim], activated gates [L, n_heads]; grow the stack to max(L) layers."""
-        L, K, dim = prompts.shape
-        n = self.config.n_layers
-        new_l = max(L, len(self.adapted_layers))
-        old = self.prompts.shape[0] - 1  # adapters already stacked (without the "no adapter" entry)
-        old_l = len(self.adapted_layers)
-        dev = self.prompts.device
-        P = torch.zeros(old + 2, new_l, K, dim, device=dev)
-        G = torch.zeros(old + 2, new_l, self.config.n_heads, device=dev)
-        if old:  # existing adapters keep their top rows; new lower layers get gate 0
-            P[:old, new_l - old_l :] = self.prompts[:old].float()
-            G[:old, new_l - old_l :] = self.gates[:old].float()
-        P[old, new_l - L :] = prompts.to(dev)
-        G[old, new_l - L :] = gates.to(dev)
-        self.prompts, self.gates = P.to(self.prompts.dtype), G.to(self.gates.dtype)
-        self.adapter_len = K
-        self._names.append(name)
-        self.adapted_layers = list(range(n - new_l, n))
-        for i in self.adapted_layers:  # wrap once; AdaptedAttention shares the base's projections
-            attn = self.model.layers[i].attention
-            if not isinstance(attn, AdaptedAttention):
-                self.model.layers[i].attention = AdaptedAttention.wrap(attn, i)
-
-    def prompt_state(self, rows: torch.Tensor, precompute: bool = True) -> PromptState:
-        """Per-row prompts [B, K, dim] and gates [B, n_heads] for every adapted layer; row index -1
-        (or an adapter that does not reach a layer) gets gate 0, i.e. the frozen base exactly.
-        `precompute` projects prompt K/V once per adapter (not per row) and gathers them."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.prompts.device)
-        n = len(self._names)
-        if rows.ndim != 1 or bool(((rows < -1) | (rows >= n)).any()):
-            raise ValueError(f"rows must be a 1-D tensor of adapter indices in -1..{n - 1}; got {rows.tolist()}")
-        idx = torch.where(rows < 0, n, rows)  # -1 -> the "no adapter" entry
-        state = PromptState()
-        for j, i in enumerate(self.adapted_layers):
-            gate = self.gates[idx, j]
-            attn = self.model.layers[i].attention
-            if precompute:
-                k, v = attn.prompt_kv(self.prompts[:, j])  # [N + 1, Hkv, K, hd], once per adapter
-                lp = LayerPrompt(self.prompts[idx, j], gate, (k[idx], v[idx]))
-            else:
-                lp = LayerPrompt(self.prompts[idx, j], gate)
-            state.layers[i] = lp
-        return state
-
-    def forward(self, idx: torch.Tensor, *, rows: torch.Tensor, ctx: Any = None, **kwargs: Any) -> torch.Tensor:
-        if ctx is None:
-            ctx = self.prompt_state(rows, precompute=True)
-        return self.model(idx, ctx=ctx, **kwargs)

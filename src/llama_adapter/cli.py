@@ -21,7 +21,15 @@ EXAMPLES = {
     "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/sqa --task mc --format scienceqa "
     "--data ScienceQA/data/scienceqa --split val --images ScienceQA/images --report sqa.json\n"
     "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/vqa --task mc --format easyvqa --limit 200\n"
-    "  llama-adapter evaluate --model stories260k --task mc --data mc.jsonl --method generate --skip-bad",
+    "  llama-adapter evaluate --model stories260k --task mc --data mc.jsonl --method generate --skip-bad\n"
+    "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/ocr --task ocr --data bench/ocr/test.jsonl "
+    "--report ocr.json\n"
+    "  llama-adapter evaluate --model smollm2-135m-instruct --adapter runs/mme --task mme --data bench/mme/test.jsonl",
+    "data": "llama-adapter data make-ocr --out bench/ocr --n-train 1000 --n-test 200 --seed 0\n"
+    "  llama-adapter data make-mme --out bench/mme --n-train 1000 --n-test 250\n"
+    "  # the same files train an adapter:\n"
+    "  llama-adapter finetune --model smollm2-135m-instruct --data bench/ocr/train.jsonl "
+    "--image-encoder efficientnet-lite0 --out runs/ocr",
     "generate": "llama-adapter generate --model smollm2-135m-instruct --prompt 'Name three primary colours.'\n"
     "  llama-adapter generate --model stories260k --template plain --prompt 'Once upon a time'\n"
     "  llama-adapter generate --model smollm2-135m-instruct --adapter runs/alpaca --prompt 'Give me a tip.'\n"
@@ -73,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
             "HF directory, Meta directory (default: %(default)s)",
         )
         sp.add_argument("--adapter", help="adapter directory written by `finetune`")
+        sp.add_argument("--tokenizer", help="tokenizer file when none lies next to the weights")
         sp.add_argument("--template", default="auto", help="prompt template: auto, plain, alpaca, chatml")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -145,13 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     from .serve import add_arguments as add_serve_arguments
 
     add_serve_arguments(cmd("serve", "OpenAI-compatible HTTP API (streaming, several adapters, images) + web chat."))
-    _evaluate_args(cmd("evaluate", "Held-out loss/perplexity or multiple-choice accuracy (JSON report + table)."))
+    _evaluate_args(cmd("evaluate", "Held-out loss/perplexity, multiple choice, OCR / MME (JSON report + table)."))
+    _data_args(cmd("data", "Generate benchmark data: a TextVQA-style OCR set, an MME-style perception set."))
     return p
 
 
 def _finetune_args(f: argparse.ArgumentParser) -> None:
     """One flag per TrainArgs field; the adapter's own options (AdapterConfig's) in a group of their own."""
-    from .adapter import AdapterConfig
+    from .config import AdapterConfig
     from .train import ADAPTER_OPTIONS, TrainArgs
 
     helps = {**_field_comments(AdapterConfig), **_field_comments(TrainArgs)}
@@ -200,8 +210,17 @@ def _field_comments(cls: type) -> dict[str, str]:
 def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="smollm2-135m-instruct", help="base model spec (as for generate)")
     e.add_argument("--adapter", help="adapter directory written by `finetune`")
-    e.add_argument("--task", choices=["loss", "mc"], required=True, help="loss: loss + perplexity; mc: accuracy")
-    e.add_argument("--data", help="instruction data (loss); problems.json or its folder (scienceqa); JSONL (jsonl)")
+    e.add_argument(
+        "--task",
+        choices=["loss", "mc", "ocr", "mme"],
+        required=True,
+        help="loss: loss + perplexity; mc: accuracy; ocr: VQA accuracy (data make-ocr files); "
+        "mme: acc / acc+ / score (data make-mme files)",
+    )
+    e.add_argument(
+        "--data",
+        help="instruction data (loss); problems.json or its folder (scienceqa); JSONL (jsonl, ocr, mme)",
+    )
     e.add_argument(
         "--format",
         choices=["alpaca", "scienceqa", "easyvqa", "jsonl"],
@@ -228,7 +247,8 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--limit", type=int, help="first N items")
     e.add_argument("--batch-size", type=int, default=8, help="questions (mc) or examples (loss) per forward")
     e.add_argument("--max-len", type=int, default=512, help="loss: tokens per example")
-    e.add_argument("--max-new-tokens", type=int, default=8, help="generate: tokens to decode per answer")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="generate, ocr, mme: tokens to decode per answer")
+    e.add_argument("--no-controls", action="store_true", help="ocr: skip the no-text control photos (half the time)")
     e.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -237,6 +257,25 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
         "--image-encoder-weights",
         help="image encoder checkpoint for a multimodal adapter (default: the one the adapter recorded at training)",
     )
+
+
+def _data_args(d: argparse.ArgumentParser) -> None:
+    ds = d.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for what, (n_train, n_test), about in (
+        ("make-ocr", (1000, 200), "words and numbers drawn on Flickr8k photos, with no-text controls"),
+        ("make-mme", (1000, 250), "shapes, positions, counts, colours and words; two yes/no questions per image"),
+    ):
+        example = next(line.strip() for line in EXAMPLES["data"].splitlines() if what in line)
+        m = ds.add_parser(
+            what, help=about, description=about, epilog="example:\n  " + example,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        m.add_argument("--out", required=True, help="folder for images/, train.jsonl, test.jsonl and meta.json")
+        m.add_argument("--n-train", type=int, default=n_train, help="training images (default: %(default)s)")
+        m.add_argument("--n-test", type=int, default=n_test, help="test images (default: %(default)s)")
+        m.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
+        m.add_argument("--photos", help="photo folder (default: ../shared/data/flickr8k_1k/images)")
+        m.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,50 +287,47 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # the user's input or machine: one line, what to fix
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - anything else is our bug: show it, and say so
+        import traceback
+
+        traceback.print_exc()
+        print(
+            "error: this is a bug in llama-adapter, not in your input; please report it with the command you ran "
+            "and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, template, adapter metadata or None)."""
-    import torch
-
-    from .adapter import load_adapter, read_adapter_config
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
-    dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype=dtype)
-    tok = load_tokenizer(model.config.extra["tokenizer"])
-    template = args.template
-    meta = None
-    if args.adapter:
-        meta = read_adapter_config(args.adapter)
-        model = load_adapter(model, args.adapter)
-        if template == "auto":
-            template = meta.get("template") or "alpaca"
-    if template == "auto":
-        template = "chatml" if getattr(tok, "chat_template", "") == "chatml" else "plain"
-    model.eval()
-    return model, tok, template, meta
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split())
 
 
-def _render(prompt: str, template: str) -> str:
-    from .tokenizer import alpaca_prompt, render_chat
+def _stack(args: argparse.Namespace, purpose: str):
+    """Base + tokenizer + the --adapter (if any) + template, by the one loader."""
+    from .loading import load_stack
 
-    if template == "plain":
-        return prompt
-    if template == "alpaca":
-        return alpaca_prompt(prompt)
-    return render_chat([{"role": "user", "content": prompt}], template, add_generation_prompt=True)
+    return load_stack(
+        args.model, args.adapter, dtype=args.dtype, template=args.template, purpose=purpose,
+        tokenizer=getattr(args, "tokenizer", None), image_encoder_weights=getattr(args, "image_encoder_weights", None),
+    )  # fmt: skip
+
+
+def _adapter_name(stack) -> str | None:
+    return next(iter(stack.adapters), None)
 
 
 def _params(args: argparse.Namespace):
-    from .generate import SamplingParams
+    from .sampling import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -302,54 +338,6 @@ def _params(args: argparse.Namespace):
         stop=list(args.stop),
         seed=args.seed,
     )
-
-
-class _Images:
-    """Image plumbing shared by generate and chat: checks that the model takes images and finds
-    the encoder weights (flag, else the adapter's metadata) only when an image is actually used,
-    so a text-only run never needs the encoder checkpoint."""
-
-    def __init__(self, model, args: argparse.Namespace, meta: dict | None) -> None:
-        self.model, self.args, self.meta = model, args, meta
-        self._weights: tuple[str | None] | None = None
-
-    def check_can_take_images(self) -> None:
-        from .adapter import AdaptedLLaMA
-
-        if not isinstance(self.model, AdaptedLLaMA):
-            raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
-        if not self.model.adapter_config.visual_dim:
-            raise ValueError(
-                f"the adapter {self.args.adapter} is text-only (trained without --image-encoder); "
-                "drop the image or use a multimodal adapter"
-            )
-
-    def weights(self) -> str | None:
-        from .generate import encoder_weights
-
-        if self._weights is None:
-            self._weights = (encoder_weights(self.args.adapter, self.meta, self.args.image_encoder_weights),)
-        return self._weights[0]
-
-    def features(self, path: str):
-        """[1, visual_dim] for one image file (one-line errors: missing, not an image, ...)."""
-        from .multimodal import image_features_for, open_image
-
-        self.check_can_take_images()
-        image = open_image(path)  # names the file in its error, before the encoder is loaded
-        return image_features_for(self.model, [image], weights=self.weights())
-
-    def state(self, images: list[str | None]):
-        """Prompt state for rows that each have an image path or None."""
-        from .generate import image_prompt_state
-        from .multimodal import open_image
-
-        if any(im is not None for im in images):
-            self.check_can_take_images()
-            # Open every file first, so a bad one fails before any work and names itself.
-            opened = [None if im is None else open_image(im) for im in images]
-            return image_prompt_state(self.model, opened, weights=self.weights())
-        return image_prompt_state(self.model, images)
 
 
 _NO_IMAGE = ("none", "-")
@@ -402,12 +390,38 @@ def _generate_rows(args: argparse.Namespace) -> tuple[list[str], list[str | None
     return prompts, images, False
 
 
+def _open_images(stack, name: str | None, images: list[str | None]) -> list:
+    """Check that the model takes images, then open every file (a bad one fails before any work
+    and names itself)."""
+    from .multimodal import open_image
+
+    if any(im is not None for im in images):
+        a = stack.adapter(name)
+        if a is None:
+            raise ValueError("--image needs a multimodal adapter (--adapter DIR trained with --image-encoder)")
+        if not a.multimodal:
+            raise ValueError(
+                f"the adapter {a.path} is text-only (trained without --image-encoder); "
+                "drop the image or use a multimodal adapter"
+            )
+    return [None if im is None else open_image(im) for im in images]
+
+
+def _note_clamped(rows, context: int) -> None:
+    for r in rows:
+        if r.max_new < r.params.max_new_tokens and r.finish == "length":
+            print(
+                f"note: row {r.tag}: --max-new-tokens {r.params.max_new_tokens} was shortened to {r.max_new} "
+                f"to fit the model's context ({context} tokens with the {len(r.prompt_ids)}-token prompt)",
+                file=sys.stderr,
+            )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
-    from .generate import generate_text
+    from .generate import encode_prompts, make_rows, run_rows, stop_ids_of
+    from .loading import render_prompt
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
@@ -415,58 +429,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, im in enumerate(images):  # before loading anything, and before any batch is printed
         if im is not None and not Path(im).is_file():
             raise ValueError(f"image {im} (row {i}) not found; check the path")
-    model, tok, template, meta = _load(args)
-    imgs = _Images(model, args, meta)
-    texts = [_render(p, template) for p in prompts]
-    params = _params(args)
-    with torch.inference_mode():
-        if len(texts) == 1 and not from_file:
-
-            def on_text(row: int, delta: str) -> None:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-
-            ctx = imgs.state(images)
-            generate_text(model, tok, texts, params, ctx=ctx, on_text=on_text, compile=args.compile)
-            sys.stdout.write("\n")
-            return 0
-        for s in range(0, len(texts), args.batch_size):
-            sl = slice(s, s + args.batch_size)
-            ctx = imgs.state(images[sl])
-            outs = generate_text(model, tok, texts[sl], params, ctx=ctx, compile=args.compile)
-            for i, o in enumerate(outs, start=s):
-                if from_file:
-                    print(json.dumps({"prompt": prompts[i], "image": images[i], "output": o}, ensure_ascii=False))
-                else:
-                    tag = f" [image {images[i]}]" if images[i] else ""
-                    print(f"--- [{i}]{tag} {prompts[i]}\n{o}")
-                sys.stdout.flush()
+    stack = _stack(args, "complete")
+    name = _adapter_name(stack)
+    opened = _open_images(stack, name, images)
+    tok, params = stack.tokenizer, _params(args)
+    ids = encode_prompts(tok, [render_prompt(p, stack.template_of(name)) for p in prompts])
+    model = stack.only()
+    stream = len(prompts) == 1 and not from_file
+    for s in range(0, len(ids), args.batch_size):
+        sl = slice(s, s + args.batch_size)
+        ctx = stack.batch_prompt(name, opened[sl])
+        rows = make_rows(ids[sl], params, stop_ids=stop_ids_of(tok), ctx=ctx, tokenizer=tok)
+        for r in rows:
+            r.tag += s
+            if stream:
+                r.on_text = lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush())
+        run_rows(model, rows, compile=args.compile)
+        _note_clamped(rows, stack.model.config.max_seq_len)
+        for r in rows:
+            i = r.tag
+            if stream:
+                sys.stdout.write("\n")
+            elif from_file:
+                print(json.dumps({"prompt": prompts[i], "image": images[i], "output": r.text}, ensure_ascii=False))
+            else:
+                tag = f" [image {images[i]}]" if images[i] else ""
+                print(f"--- [{i}]{tag} {prompts[i]}\n{r.text}")
+            sys.stdout.flush()
     return 0
 
 
-CHAT_HELP = (
-    "commands: /image PATH  attach an image (it conditions the whole conversation from the next turn on)\n"
-    "          /image none  detach it\n"
-    "          /reset       forget the conversation (the image stays)\n"
-    "          /help        this text; an empty line or Ctrl-D quits"
-)
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    import torch
+    from .chat import ChatSession
 
-    from .generate import generate_text, image_prompt_state
-    from .tokenizer import render_chat
-
-    model, tok, template, meta = _load(args)
-    imgs = _Images(model, args, meta)
-    image: str | None = None
-    feats = None
+    stack = _stack(args, "chat")
+    name = _adapter_name(stack)
+    session = ChatSession(stack, name, _params(args), compile=args.compile)
     if args.image:  # errors here end the command (exit 2): the user asked for this image up front
-        feats, image = imgs.features(args.image), args.image
-    history: list[dict[str, str]] = []
-    what = f"{args.model}{' + ' + args.adapter if args.adapter else ''}{' + image ' + image if image else ''}"
-    print(f"chat with {what} (empty line quits, /help for commands)", file=sys.stderr)
+        _open_images(stack, name, [args.image])
+        session.set_image(args.image)
+    image = f" + image {args.image}" if args.image else ""
+    print(f"chat with {args.model}{' + ' + args.adapter if args.adapter else ''}{image} (empty line quits, "
+          "/help for commands)", file=sys.stderr)  # fmt: skip
     while True:
         try:
             line = input("> ")
@@ -474,40 +478,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not line.strip():
             break
-        cmd, _, rest = line.strip().partition(" ")
-        if cmd in ("/image", "/reset", "/help"):
-            rest = rest.strip()
-            if cmd == "/help":
-                print(CHAT_HELP, file=sys.stderr)
-            elif cmd == "/reset":
-                history.clear()
-                print("(conversation cleared)", file=sys.stderr)
-            elif not rest:
-                print(f"(image: {image or 'none'}; /image PATH attaches one, /image none detaches it)", file=sys.stderr)
-            elif rest.lower() in _NO_IMAGE:
-                feats = image = None
-                print("(image detached)", file=sys.stderr)
-            else:
-                try:  # a bad path is a typo to fix, not a reason to lose the conversation
-                    feats, image = imgs.features(rest), rest
-                    print(f"(image attached: {image})", file=sys.stderr)
-                except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-                    print(f"error: {e}", file=sys.stderr)
+        try:  # a bad path is a typo to fix, not a reason to lose the conversation
+            shown = session.command(line)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        text = render_chat(history, "chatml" if template == "plain" else template, add_generation_prompt=True)
-        chunks: list[str] = []
-
-        def on_text(row: int, delta: str, chunks: list[str] = chunks) -> None:
-            chunks.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-
-        with torch.inference_mode():
-            ctx = image_prompt_state(model, [image], features=feats)
-            generate_text(model, tok, [text], _params(args), ctx=ctx, on_text=on_text, compile=args.compile)
+        if shown is not None:
+            print(shown, file=sys.stderr)
+            continue
+        session.reply(line, on_text=lambda delta: (sys.stdout.write(delta), sys.stdout.flush()))
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(chunks)})
     return 0
 
 
@@ -515,7 +495,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     import os
 
     from .distributed import DistributedError, launch, launched_by_torchrun
-    from .train import TrainArgs, WriteError, finetune
+    from .train import TrainArgs, finetune
 
     targs = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)})
     if (targs.devices or 1) > 1 and not launched_by_torchrun():
@@ -523,7 +503,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return launch(_finetune_argv(targs, args.verbose), targs.devices)
     try:
         res = finetune(targs)
-    except (DistributedError, WriteError) as e:
+    except DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if res.stopped == "nan":
@@ -555,7 +535,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvalArgs, format_table, run
 
     kw = {f.name: getattr(args, f.name) for f in dc_fields(EvalArgs) if hasattr(args, f.name)}
-    print(format_table(run(EvalArgs(**kw, progress=not args.no_progress))))
+    print(format_table(run(EvalArgs(**kw, progress=not args.no_progress, controls=not args.no_controls))))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .evaluate import make_mme, make_ocr
+
+    make = make_ocr if args.what == "make-ocr" else make_mme
+    kw = {"n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "photos": args.photos}
+    paths = make(args.out, **kw, progress=not args.no_progress)
+    for split, path in paths.items():
+        n = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        print(f"{split}: {path} ({n} questions)")
     return 0
 
 
@@ -624,6 +616,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
+    "data": cmd_data,
 }
 
 if __name__ == "__main__":

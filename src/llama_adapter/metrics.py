@@ -11,14 +11,22 @@
   averaged over references and n, times 10.
 
 Inputs are `{image_id: [caption]}` and `{image_id: [ref, ref, ...]}`, or parallel lists.
+
+Short-answer metrics, as the benchmarks' own scripts compute them:
+- `normalize_vqa_answer` / `vqa_accuracy`: the VQA (and TextVQA) evaluation: punctuation,
+  lowercase, number words to digits, articles dropped, contractions restored; accuracy
+  min(1, #matching human answers / 3), averaged over the leave-one-out subsets of the answers;
+- `mme_yes_no` / `mme_scores`: MME's yes/no parsing and its per-subtask accuracy, accuracy+ (both
+  questions of an image right) and score = acc + acc+ in percent (at most 200 per subtask).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 # Tokens the coco-caption PTBTokenizer removes after tokenising.
 PUNCTUATIONS = {
@@ -183,3 +191,101 @@ def caption_scores(candidates: Mapping | Sequence, references: Mapping | Sequenc
     """{"bleu1".."bleu4", "cider"} on coco-caption-tokenised captions."""
     b = corpus_bleu(candidates, references, 4)
     return {**{f"bleu{i + 1}": v for i, v in enumerate(b)}, "cider": cider_d(candidates, references)}
+
+
+# ------------------------------------------------------------------------------------- VQA accuracy
+# The tables and regular expressions of the official VQA evaluation (vqaEval.py), kept as they are
+# (the lookbehind of the period rule is written "(?!<=" there, so it only looks ahead).
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS["none"] = "0"
+_ARTICLES = ("a", "an", "the")
+_VQA_CONTRACTIONS = dict(
+    pair.split("=")
+    for pair in """
+    aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+    couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've hadn'tve=hadn't've
+    hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd howll=how'll hows=how's
+    Id've=I'd've I'dve=I'd've Im=I'm Ive=I've isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll
+    let's=let's maam=ma'am mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've
+    mustnt=mustn't mustve=must've neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at
+    'ows'at='ow's'at 'ow'sat='ow's'at shant=shan't shed've=she'd've she'dve=she'd've she's=she's shouldve=should've
+    shouldnt=shouldn't shouldnt've=shouldn't've shouldn'tve=shouldn't've somebody'd=somebodyd
+    somebodyd've=somebody'd've somebody'dve=somebody'd've somebodyll=somebody'll somebodys=somebody's
+    someoned=someone'd someoned've=someone'd've someone'dve=someone'd've someonell=someone'll someones=someone's
+    somethingd=something'd somethingd've=something'd've something'dve=something'd've somethingll=something'll
+    thats=that's thered=there'd thered've=there'd've there'dve=there'd've therere=there're theres=there's
+    theyd=they'd theyd've=they'd've they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas
+    wasnt=wasn't wed've=we'd've we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's
+    whatve=what've whens=when's whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've
+    who'dve=who'd've wholl=who'll whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't
+    wouldve=would've wouldnt=wouldn't wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll
+    y'allll=y'all'll yall'd've=y'all'd've y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've
+    you'dve=you'd've youll=you'll youre=you're youve=you've
+""".split()
+)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """An answer as the VQA evaluation compares it: "The Two dogs." -> "2 dogs"."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    strip_all = _COMMA_STRIP.search(text) is not None
+    for p in _VQA_PUNCT:
+        # Punctuation next to a space (or any in a text holding "1,000") goes; inside a word it splits it.
+        out = out.replace(p, "" if strip_all or p + " " in text or " " + p in text else " ")
+    out = _PERIOD_STRIP.sub("", out)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction. With the 10 human answers of VQA / TextVQA (any n >= 4):
+    the mean over the n leave-one-out subsets of min(1, #answers equal to the prediction / 3).
+    With fewer answers (a generated set has one) the rule cannot reach 1, so it is exact match:
+    1.0 if the normalised prediction equals any normalised answer."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_vqa_answer(prediction)
+    gts = [normalize_vqa_answer(a) for a in answers]
+    if len(gts) < 4:
+        return float(pred in gts)
+    hits = [g == pred for g in gts]
+    total = sum(hits)
+    return sum(min(1.0, (total - h) / 3) for h in hits) / len(gts)
+
+
+# ----------------------------------------------------------------------------------------------- MME
+def mme_yes_no(text: str) -> str:
+    """ "yes", "no" or "other", as MME's calculation.py reads a model's answer: the whole answer, or
+    else "yes" / "no" within its first four characters (so "Yes, there is..." counts)."""
+    t = text.strip().lower()
+    if t in ("yes", "no"):
+        return t
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def mme_scores(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per subtask, from records {"subtask", "image" (the pair key), "correct"}: questions, images,
+    acc (% of questions right), acc_plus (% of images with every question right) and score =
+    acc + acc_plus (at most 200)."""
+    by_task: dict[str, dict[Any, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_task[r["subtask"]][r["image"]].append(bool(r["correct"]))
+    out = {}
+    for task in sorted(by_task):
+        images = by_task[task]
+        answers = [c for cs in images.values() for c in cs]
+        acc = 100.0 * sum(answers) / len(answers)
+        acc_plus = 100.0 * sum(all(cs) for cs in images.values()) / len(images)
+        out[task] = {
+            "questions": len(answers),
+            "images": len(images),
+            "acc": acc,
+            "acc_plus": acc_plus,
+            "score": acc + acc_plus,
+        }
+    return out

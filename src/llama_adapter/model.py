@@ -11,6 +11,7 @@ llama2.c and GGUF weights are permuted into it when loaded (see checkpoint.py).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,7 +70,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values of the sequence tokens of one layer: [B, n_kv_heads, max_len, hd]."""
+    """Preallocated keys/values of the sequence tokens of one layer: [B, n_kv_heads, max_len, hd].
+
+    Row b's token at position p lives in slot p, so rows of different lengths share one cache
+    without padding and a row can join or leave a running batch (see engine.py)."""
 
     def __init__(
         self,
@@ -84,16 +88,85 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        new = cls.__new__(cls)
+        new.k, new.v = k, v
+        return new
+
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+    def rows(self, start: int, end: int) -> KVCache:
+        """A view of rows start..end-1: writes through it land in this cache."""
+        return KVCache.of(self.k[start:end], self.v[start:end])
+
+    def update(
+        self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, Hkv, T, hd] at positions start.. (an int for every row, or a LongTensor [B]
+        of per-row positions when T == 1) and return the first `kv_len` slots to attend over."""
+        if isinstance(start, int):
+            self.k[:, :, start : start + k.shape[2]] = k
+            self.v[:, :, start : start + k.shape[2]] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, start] = k[:, :, 0]
+            self.v[rows, :, start] = v[:, :, 0]
         # Only the filled prefix: attention cost grows with the text, not with max_len.
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+@dataclass
+class Packing:
+    """Several examples per row (packed training): `spans[b]` lists the (start, end) token ranges
+    of the examples in row b, in order; tokens after the last span are padding. Each example sees
+    only itself (block-diagonal causal attention) and its RoPE positions restart at 0. Examples
+    are numbered row by row (example j of the batch), the order per-example tensors such as
+    image prompts follow."""
+
+    spans: list[list[tuple[int, int]]]
+
+    def segments(self) -> list[tuple[int, int, int, int]]:
+        """(row, start, end, example) for every example of the batch."""
+        out, j = [], 0
+        for b, row in enumerate(self.spans):
+            for s, e in row:
+                out.append((b, s, e, j))
+                j += 1
+        return out
+
+    @property
+    def n_examples(self) -> int:
+        return sum(len(r) for r in self.spans)
+
+    def positions(self, T: int, device: torch.device | str | None = None) -> torch.Tensor:
+        pos = torch.zeros(len(self.spans), T, dtype=torch.long)
+        for b, s, e, _ in self.segments():
+            pos[b, s:e] = torch.arange(e - s)
+        return pos.to(device)
+
+    def example_of_token(self, T: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """[B, T] example index of every token (padding: 0, whose result nobody reads)."""
+        ex = torch.zeros(len(self.spans), T, dtype=torch.long)
+        for b, s, e, j in self.segments():
+            ex[b, s:e] = j
+        return ex.to(device)
+
+
+@dataclass
+class Positions:
+    """Where the tokens of one forward sit, computed once and handed to every layer: RoPE tables,
+    the attention mask (None = plain causal), where K/V go in the cache, how many cached slots the
+    queries read, and the example layout of a packed batch."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None
+    start: int | torch.Tensor
+    kv_len: int
+    packing: Packing | None = None
+    example_of_token: torch.Tensor | None = None  # [B, T] with packing
 
 
 class Attention(nn.Module):
@@ -107,30 +180,27 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        start: int,
-        ctx: Any,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None, ctx: Any) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, *at.rope), apply_rope(k, *at.rope)
         if cache is not None:
-            k, v = cache.update(start, k, v)
-        y = self.attend(q, k, v, mask, ctx)
+            k, v = cache.update(at.start, k, v, at.kv_len)
+        y = self.attend(q, k, v, at, ctx)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ctx: Any
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         """The adapter seam: q [B, H, T, hd], k/v [B, Hkv, S, hd] -> [B, H, T, hd]."""
-        return sdpa(q, k, v, mask)
+        if at.packing is None:
+            return sdpa(q, k, v, at.mask)
+        # Block-diagonal causal attention, one example at a time: the work is sum(len^2) rather
+        # than T^2 for a masked full row, and no mask tensor is built.
+        out = q.new_zeros(q.shape)
+        for b, s, e, _ in at.packing.segments():
+            out[b : b + 1, :, s:e] = sdpa(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], None)
+        return out
 
 
 def sdpa(
@@ -162,20 +232,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-        start: int,
-        ctx: Any,
-    ) -> torch.Tensor:
-        x = self.inject(x, ctx)
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start, ctx)
+    def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None, ctx: Any) -> torch.Tensor:
+        x = self.inject(x, at, ctx)
+        h = x + self.attention(self.attention_norm(x), at, cache, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def inject(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    def inject(self, x: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         """Block-level seam (ImageBind-style additive injection); the base block adds nothing."""
         return x
 
@@ -192,71 +254,55 @@ class LLaMA(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype. Weights may be packed integers (quant.QuantLinear); the norms are
+        always floating point in the precision the model computes in."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         c = self.config
         max_len = min(max_len or c.max_seq_len, c.max_seq_len)
-        p = self.tok_embeddings.weight
         return [
-            KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or p.dtype, p.device) for _ in range(c.n_layers)
+            KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or self.dtype, self.device)
+            for _ in range(c.n_layers)
         ]
 
     def forward(
         self,
         idx: torch.Tensor,
         *,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         cache: list[KVCache] | None = None,
-        pad: torch.Tensor | None = None,
         ctx: Any = None,
         hidden_only: bool = False,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
+        packing: Packing | None = None,
         grad_from: int | None = None,
         checkpoint_activations: bool = False,
     ) -> torch.Tensor:
         """idx [B, T] token ids at positions start..start+T-1 -> logits [B, T, vocab].
 
-        pad: [B] count of left-padding tokens per row (batched generation); those slots are
-        masked out and RoPE positions of each row start at its first real token.
+        start: an int shared by every row, or a LongTensor [B] of per-row positions for a one-token
+        decode step (rows of different lengths in one batch; see engine.py). With a cache, K/V are
+        written at those positions and the queries attend to every cached slot before them.
         hidden_only: return the final normalised hidden states instead of logits, so a trainer
         can project only the positions that carry a loss.
+        last_only / keep: logits of the last position only, or of position keep[b] in row b
+        ([B, 1, vocab]; prefill of right-padded prompts).
+        packing: several examples per row (training; see `Packing`), without a cache.
         grad_from: first layer whose forward needs autograd (an adapter knows its lowest adapted
         layer); by default the first layer holding a trainable parameter. Layers below it run
         under no_grad, so no backward pass goes through the frozen bottom.
         checkpoint_activations: when training, keep only each block's input for the layers from
         `grad_from` up and recompute the block in the backward pass (less memory, one extra forward).
         """
-        B, T = idx.shape
-        end = start + T
-        if end > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {end} tokens is longer than the model's context "
-                f"({self.config.max_seq_len}); shorten the prompt or max_new_tokens"
-            )
-        device = idx.device
-        slots = torch.arange(start, end, device=device)
-        mask = None
-        if T == 1:
-            # Decoding: the one query sees every cached key; only left padding needs masking.
-            if pad is not None:
-                keys = torch.arange(start if cache is None else 0, end, device=device)
-                mask = (keys[None, :] >= pad[:, None])[:, None, None]  # [B, 1, 1, S]
-        elif pad is not None or cache is not None or start > 0:
-            keys = torch.arange(end, device=device)
-            allowed = keys[None, :] <= slots[:, None]  # [T, S] causal
-            if pad is not None:
-                real = keys[None, None, :] >= pad[:, None, None]  # [B, 1, S]
-                # A pad query attends to itself only, so no row is fully masked (which gives NaN).
-                allowed = (allowed[None] & real) | (keys[None, None, :] == slots[None, :, None])
-                mask = allowed[:, None]  # [B, 1, T, S]
-            else:
-                mask = allowed[None, None]
-            if cache is None and start > 0:
-                mask = mask[..., start:]
-        positions = slots[None, :] if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)
-        # Shaped and cast once here rather than in each of the 2 * n_layers `apply_rope` calls.
-        dtype = self.tok_embeddings.weight.dtype
-        rope = tuple(t[:, None].to(dtype) for t in rope_cos_sin(self.inv_freq, positions))
-
+        at = self.positions(idx, start, cache is not None, packing)
         x = self.tok_embeddings(idx)
         # Layers with nothing trainable below the first trainable one need no autograd graph.
         first = grad_from if grad_from is not None else self.first_trainable_layer()
@@ -267,13 +313,54 @@ class LLaMA(nn.Module):
             with torch.set_grad_enabled(grad and i >= first):
                 c = None if cache is None else cache[i]
                 if checkpoint_activations and grad and i >= first:
-                    x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, c, start, ctx, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(layer, x, at, c, ctx, use_reentrant=False)
                 else:
-                    x = layer(x, rope, mask, c, start, ctx)
-        if last_only:
+                    x = layer(x, at, c, ctx)
+        if keep is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), keep][:, None]
+        elif last_only:
             x = x[:, -1:]
         x = self.norm(x)
         return x if hidden_only else self.output(x)
+
+    def positions(
+        self, idx: torch.Tensor, start: int | torch.Tensor, cached: bool, packing: Packing | None = None
+    ) -> Positions:
+        B, T = idx.shape
+        device = idx.device
+        dtype = self.dtype
+        if packing is not None:
+            if cached or not isinstance(start, int) or start:
+                raise ValueError("packed rows are for training: no cache and no start offset")
+            if len(packing.spans) != B or any(e > T for row in packing.spans for _, e in row):
+                raise ValueError(f"packing spans do not fit the batch [{B}, {T}]")
+            rope = tuple(t[:, None].to(dtype) for t in rope_cos_sin(self.inv_freq, packing.positions(T, device)))
+            return Positions(rope, None, 0, T, packing, packing.example_of_token(T, device))
+        per_row = isinstance(start, torch.Tensor)
+        if per_row and T != 1:
+            raise ValueError(f"per-row start positions decode one token per row; got {T} tokens")
+        if per_row and not bool((start != start[0]).any()):
+            start, per_row = int(start[0]), False  # rows in step: plain slices, no mask, no scatter
+        end = (int(start.max()) if per_row else start) + T
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {end} tokens is longer than the model's context "
+                f"({self.config.max_seq_len}); shorten the prompt or max_new_tokens"
+            )
+        mask = None
+        if per_row:
+            pos = start[:, None]
+            # Each row sees the cached slots up to its own position; the rest belong to longer rows.
+            mask = (torch.arange(end, device=device)[None, :] <= start[:, None])[:, None, None]
+        else:
+            pos = torch.arange(start, end, device=device)[None, :]
+            if T > 1 and cached and start > 0:
+                # SDPA's is_causal aligns the query block with the first key: wrong after a prefix.
+                keys = torch.arange(end, device=device)
+                mask = (keys[None, :] <= pos[0][:, None])[None, None]
+        # Shaped and cast once here rather than in each of the 2 * n_layers `apply_rope` calls.
+        rope = tuple(t[:, None].to(dtype) for t in rope_cos_sin(self.inv_freq, pos))
+        return Positions(rope, mask, start, end)
 
     def first_trainable_layer(self) -> int:
         if self.tok_embeddings.weight.requires_grad:

@@ -1,9 +1,10 @@
 """LLaMA-Adapter V2 (arXiv 2304.15010) and ImageBind-LLM (arXiv 2309.03905) extensions.
 
 Everything here is switched on by `AdapterConfig` fields and applied by `AdaptedLLaMA` through
-`apply_v2` / `remove_v2`; every trainable tensor lives under a name part starting with "adapter",
-so the single predicate `adapter.is_adapter_param` drives `requires_grad`, saving and optimiser
-groups for all of it (all V2 tensors are 1-D, so `no_weight_decay` keeps them out of decay):
+`apply_v2` / `remove_v2`, which take plain options: this module knows only `config` and `model`.
+Every trainable tensor lives under a name part starting with "adapter", so the single predicate
+`adapter.is_adapter_param` drives `requires_grad`, saving and optimiser groups for all of it
+(all V2 tensors are 1-D, so `no_weight_decay` keeps them out of decay):
 
 * `bias_scale`: every linear of every block (wq, wk, wv, wo, w1, w2, w3; V2 tunes all layers)
   becomes a `ScaledLinear`, `y = adapter_scale * (W x + adapter_bias)`, bias 0 and scale 1 at
@@ -29,17 +30,14 @@ several V2 adapters on one base needs a base copy each, or `fold_bias_scale` per
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import Block, LLaMA, RMSNorm
-
-if TYPE_CHECKING:
-    from .adapter import AdaptedLLaMA, AdapterConfig
+from .model import Block, LLaMA, Positions, RMSNorm
 
 LINEAR_NAMES = (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w2", "w3")))
 
@@ -201,18 +199,6 @@ class VisualQuery(nn.Module):
         return self.out_norm(self.out_proj(x[:, : q.shape[1]]))
 
 
-def make_visual_query(config: AdapterConfig, base: Config) -> VisualQuery:
-    return VisualQuery(
-        config.visual_tokens,
-        config.visual_token_dim,
-        config.adapter_len,
-        base.dim,
-        config.visual_query_dim,
-        config.visual_query_blocks,
-        config.visual_query_heads,
-    )
-
-
 class BindInjectBlock(Block):
     """A base Block (same modules, class swapped in place) whose `inject` adds the gated bind token.
 
@@ -222,11 +208,13 @@ class BindInjectBlock(Block):
 
     layer_idx: int
 
-    def inject(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+    def inject(self, x: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         b = getattr(ctx, "bind", None)
         if b is None:
             return x
         g = torch.tanh(self.adapter_bind_gate).to(x.dtype)
+        if at.packing is not None and b.shape[0] > 1:
+            return x + g * b[at.example_of_token].to(x.dtype)  # each token gets its example's token
         return x + g * b[:, None, :].to(x.dtype)
 
 
@@ -256,72 +244,28 @@ def _norm_slots(model: LLaMA):
     yield model, "norm"
 
 
-def apply_v2(model: LLaMA, config: AdapterConfig) -> None:
-    """Bring the base model's modules in line with `config` (wrap what is asked, unwrap the rest)."""
+def apply_v2(model: LLaMA, *, bias_scale: bool, train_norms: bool, bind: bool) -> None:
+    """Bring the base model's modules in line with the options (wrap what is asked, unwrap the rest)."""
     for parent, n in _linears(model):
         lin = getattr(parent, n)
-        if config.bias_scale and not isinstance(lin, ScaledLinear):
+        if bias_scale and not isinstance(lin, ScaledLinear):
             setattr(parent, n, ScaledLinear.wrap(lin))
-        elif not config.bias_scale and isinstance(lin, ScaledLinear):
+        elif not bias_scale and isinstance(lin, ScaledLinear):
             setattr(parent, n, lin.unwrap())
     for parent, n in _norm_slots(model):
         norm = getattr(parent, n)
-        if config.train_norms and not isinstance(norm, AdapterRMSNorm):
+        if train_norms and not isinstance(norm, AdapterRMSNorm):
             setattr(parent, n, AdapterRMSNorm.wrap(norm))
-        elif not config.train_norms and isinstance(norm, AdapterRMSNorm):
+        elif not train_norms and isinstance(norm, AdapterRMSNorm):
             setattr(parent, n, norm.unwrap())
-    bind_blocks(model, bool(config.bind_dim))
+    bind_blocks(model, bind)
 
 
 def remove_v2(model: LLaMA) -> None:
-    from .adapter import AdapterConfig
-
-    apply_v2(model, AdapterConfig(bias_scale=False, train_norms=False, bind_dim=0))
+    apply_v2(model, bias_scale=False, train_norms=False, bind=False)
 
 
-def make_bind(config: AdapterConfig, base: Config) -> BindNetwork | None:
-    if not config.bind_dim:
-        return None
-    return BindNetwork(config.bind_dim, base.dim, config.bind_blocks, config.bind_hidden, base.norm_eps)
-
-
-def v2_trainable_count(base: Config, config: AdapterConfig) -> int:
-    """Trainable parameters added by the V2 / bind options (on top of the V1 prompts, gates and
-    the global-feature visual projection):
-
-    bias_scale:  2 * n_layers * (n_heads*hd + 2*n_kv_heads*hd + 2*dim + 2*hidden_dim)
-    train_norms: (2 * n_layers + 1) * dim
-    bind:        E*dim + dim + N*(dim + 3*dim*bind_hidden) + n_layers   (gates)
-    visual query (replaces the visual projection): see `visual_query_count`
-    """
-    c, hd = base, base.head_dim
-    n = 0
-    if config.bias_scale:
-        n += 2 * c.n_layers * (c.n_heads * hd + 2 * c.n_kv_heads * hd + 2 * c.dim + 2 * c.hidden_dim)
-    if config.train_norms:
-        n += (2 * c.n_layers + 1) * c.dim
-    if config.bind_dim:
-        h = config.bind_hidden or 4 * c.dim
-        n += config.bind_dim * c.dim + c.dim + config.bind_blocks * (c.dim + 3 * c.dim * h) + c.n_layers
-    if config.visual_query_blocks:
-        n += visual_query_count(base, config)
-    return n
-
-
-def visual_query_count(base: Config, config: AdapterConfig) -> int:
-    """Parameters of `VisualQuery` with N encoder tokens of width d, K queries, width w, B blocks:
-
-    d*w + w + 2w (token projection + norm)  +  N*w (token positions)  +  K*w (queries)
-    + B * (12 w^2 + 13 w)  (per block: 2 LayerNorms 4w, qkv 3w^2+3w, out w^2+w, MLP 8w^2+5w)
-    + w*dim + dim + 2*dim  (output projection + LayerNorm)
-    """
-    w = config.visual_query_dim or base.dim
-    d, N, K = config.visual_token_dim, config.visual_tokens, config.adapter_len
-    blocks = config.visual_query_blocks * (12 * w * w + 13 * w)
-    return d * w + 3 * w + N * w + K * w + blocks + w * base.dim + 3 * base.dim
-
-
-def fold_bias_scale(model: AdaptedLLaMA | LLaMA, *, allow_bias: bool = False) -> dict[str, torch.Tensor]:
+def fold_bias_scale(base: LLaMA, *, allow_bias: bool = False) -> dict[str, torch.Tensor]:
     """A plain-LLaMA state dict (this package's names, see checkpoint.py for HF names) with the V2
     scale/bias folded into the weights (W' = scale * W, b' = scale * b) and trained norm weights
     in place of the base ones. The adaption prompts / bind network are not part of it.
@@ -331,7 +275,6 @@ def fold_bias_scale(model: AdaptedLLaMA | LLaMA, *, allow_bias: bool = False) ->
     gate/up/down_proj biases. Without `allow_bias` a non-zero bias raises; with it, the dict holds
     `...wq.bias` etc. for every linear (load with `folded_llama`).
     """
-    base = model.model if hasattr(model, "adapted_layers") else model
     sd: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, t in base.state_dict().items():

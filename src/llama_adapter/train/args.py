@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from ..adapter import AdapterConfig
-from ..config import Config
+from ..config import AdapterConfig, Config
 from ..data import check_data_file, split_paths
 from ..distributed import check_options as check_distributed_options
 from ..multimodal import ENCODER_NAMES
@@ -184,8 +183,8 @@ def _check_bounds(args: TrainArgs) -> None:
 def _check_choices(args: TrainArgs) -> None:
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision {args.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if args.template is not None and args.template not in TEMPLATES:
-        raise ValueError(f"--template {args.template!r}: choose one of {', '.join(TEMPLATES)} (or leave it out)")
+    if args.template not in (None, "auto", *TEMPLATES):
+        raise ValueError(f"--template {args.template!r}: choose auto or one of {', '.join(TEMPLATES)}")
     if args.image_encoder is not None and args.image_encoder not in ENCODER_NAMES:
         raise ValueError(f"--image-encoder {args.image_encoder!r}: choose one of {', '.join(ENCODER_NAMES)}")
     try:

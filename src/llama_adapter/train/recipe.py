@@ -42,6 +42,7 @@ from ..data import (
     target_count,
 )
 from ..distributed import Parallel, distributed_session, process_rank_world
+from ..loading import resolve_template
 from ..multimodal import example_visuals, load_any_examples, load_image_encoder, visual_config, visual_make_ctx
 from ..tokenizer import load_tokenizer
 from .args import TrainArgs, flag_names
@@ -116,7 +117,7 @@ class Recipe:
         # the adapter and its optimizer state stay fp32.
         base = load_model(args.model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
         self.tokenizer = load_tokenizer(base.config.extra["tokenizer"])
-        self.template = args.template or getattr(self.tokenizer, "chat_template", None) or "alpaca"
+        self.template = resolve_template(args.template, self.tokenizer, purpose="instruct")
         visual = {}
         if self.encoder is not None:
             visual = visual_config(self.encoder, args.image_encoder, tokens=bool(args.visual_query_blocks))
