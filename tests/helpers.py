@@ -6,6 +6,8 @@ fixtures live in conftest.py.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 import time
@@ -191,6 +193,47 @@ def fuzz_json(path: Path, load: Any, limit_s: float = 20.0) -> dict[str, int]:
         variants.append(json.dumps({k: v for k, v in d.items() if k != key}))
         variants += [json.dumps({**d, key: v}) for v in odd]
     return _check_copies(path, [v.encode() for v in variants], load, limit_s)
+
+
+HOOKS = Path(__file__).resolve().parent / "hooks"
+
+
+def fault_env(**env: str) -> dict[str, str]:
+    """Environment for a child process that loads tests/hooks/sitecustomize.py (fault injection:
+    LLAMA_ADAPTER_TEST_CRASH_RANK=..., LLAMA_ADAPTER_TEST_KILL_AT=...; see that file)."""
+    path = os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **env}
+
+
+STORY_NAMES = ["Lily", "Tom", "Sue", "Ben", "Max", "Mia", "Sam", "Amy"]
+
+
+def story_data(folder: Path, n: int = 24) -> Path:
+    """folder/data.json: `n` Alpaca examples, "Tell a story about Lily." -> "Lily went to the park..."."""
+    rows = [
+        {"instruction": f"Tell a story about {name}.", "input": "", "output": f"{name} went to the park and was happy."}
+        for name in STORY_NAMES * (n // len(STORY_NAMES))
+    ]
+    path = folder / "data.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def tiny_run(**kw: Any) -> dict[str, Any]:
+    """TrainArgs fields of a quick stories260K finetune (a few seconds), updated by `kw`."""
+    return {
+        "model": str(STORIES), "template": "alpaca", "adapter_len": 4, "adapter_layers": 5, "batch_size": 4,
+        "lr": 2e-2, "warmup_steps": 2, "max_len": 200, "seed": 0, **kw,
+    }  # fmt: skip
+
+
+def cli_flags(**kw: Any) -> list[str]:
+    """`--name value` for each keyword (`--name` alone for True), as `llama-adapter finetune` takes them."""
+    out: list[str] = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        out += [flag] if v is True else [flag, str(v)]
+    return out
 
 
 def modal_adapter(out: Path, model: Any, *, bind: bool = False, seed: int = 0) -> Path:

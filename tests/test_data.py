@@ -17,6 +17,7 @@ from llama_adapter.data import (
     load_examples,
     split_holdout,
     split_paths,
+    target_count,
 )
 from llama_adapter.tokenizer import alpaca_prompt, load_tokenizer, render_chat
 
@@ -237,3 +238,16 @@ def test_split_paths_and_file_has_images(tmp_path):
     (tmp_path / "l.json").write_text(json.dumps([{"instruction": "a", "output": "b", "image": "x.png"}]))
     assert file_has_images(tmp_path / "i.jsonl") and file_has_images(tmp_path / "l.json")
     assert not file_has_images(tmp_path / "n.jsonl")
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    for read in (load_examples, file_has_images):
+        with pytest.raises(IsADirectoryError, match=f"^--data {tmp_path} is a directory; pass a data file in it"):
+            read(tmp_path)
+        with pytest.raises(FileNotFoundError, match="data file not found"):
+            read(tmp_path / "missing.json")
+
+
+def test_target_count_counts_the_tokens_that_carry_loss():
+    # the loss at position t predicts labels[t + 1]: the first label never counts
+    assert target_count({"input_ids": [1, 2, 3, 4], "labels": [5, IGNORE_INDEX, 7, 8]}) == 2

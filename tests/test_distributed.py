@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import STORIES
+from helpers import STORIES, cli_flags, fault_env, story_data, tiny_run
 from safetensors.torch import load_file
 
 from llama_adapter.cli import main
@@ -27,38 +27,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 # 24 examples, 6 held out: 18 train -> 4 steps per epoch at a global batch of 4, 8 steps in all.
-RUN = dict(
-    template="alpaca",
-    adapter_len=4,
-    adapter_layers=5,
-    epochs=2,
-    lr=2e-2,
-    warmup_steps=2,
-    max_len=256,
-    val_fraction=0.25,
-    eval_every=4,
-    save_every=3,
-    seed=0,
-)
+RUN = tiny_run(epochs=2, val_fraction=0.25, eval_every=4, save_every=3, max_len=256)
 TIMEOUT = 180
-
-
-def write_data(d: Path) -> Path:
-    rows = [
-        {"instruction": f"Tell a story about {n}.", "input": "", "output": f"{n} went to the park and was happy."}
-        for n in ["Lily", "Tom", "Sue", "Ben", "Max", "Mia", "Sam", "Amy"] * 3
-    ]
-    p = d / "data.json"
-    p.write_text(json.dumps(rows))
-    return p
-
-
-def flags(**kw) -> list[str]:
-    out = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        out += [flag] if v is True else [flag, str(v)]
-    return out
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -75,7 +45,7 @@ def devices_cmd(data: Path, out: Path, **kw) -> list[str]:
         "finetune",
         "--devices",
         "2",
-        *flags(model=STORIES, data=data, out=out, **{**RUN, **kw}),
+        *cli_flags(data=data, out=out, **{**RUN, **kw}),
     ]
 
 
@@ -90,12 +60,12 @@ def torchrun_cmd(data: Path, out: Path, **kw) -> list[str]:
         "-m",
         "llama_adapter",
         "finetune",
-        *flags(model=STORIES, data=data, out=out, **{**RUN, **kw}),
+        *cli_flags(data=data, out=out, **{**RUN, **kw}),
     ]
 
 
 def single(data: Path, out: Path, **kw):
-    return finetune(TrainArgs(model=str(STORIES), data=str(data), out=str(out), **{**RUN, "batch_size": 4, **kw}))
+    return finetune(TrainArgs(data=str(data), out=str(out), **{**RUN, "batch_size": 4, **kw}))
 
 
 def losses(out: Path) -> tuple[list[float], dict[int, float]]:
@@ -129,7 +99,7 @@ def assert_same_run(out: Path, ref: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_data(tmp_path_factory.mktemp("data"))
+    return story_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +141,9 @@ def test_resume_with_another_world_size_continues_the_same_curve(data, reference
 
 @pytest.mark.parametrize("mode", ["exit", "hang"])
 def test_a_failing_rank_stops_the_run_with_a_clear_error(data, tmp_path, mode):
-    env = {
-        "LLAMA_ADAPTER_TEST_CRASH_RANK": "1",
-        "LLAMA_ADAPTER_TEST_CRASH_STEP": "2",
-        "LLAMA_ADAPTER_TEST_CRASH_MODE": mode,
-    }
+    env = fault_env(
+        LLAMA_ADAPTER_TEST_CRASH_RANK="1", LLAMA_ADAPTER_TEST_CRASH_STEP="2", LLAMA_ADAPTER_TEST_CRASH_MODE=mode
+    )
     t0 = time.monotonic()
     p = run(devices_cmd(data, tmp_path / "run", batch_size=2, dist_timeout_s=4, eval_every=100), env)
     elapsed = time.monotonic() - t0
@@ -200,10 +168,10 @@ def test_bad_distributed_input(data, tmp_path, monkeypatch, capsys):
     with pytest.raises(ValueError, match="contradicts"):
         resolve_grad_accum(TrainArgs(batch_size=2, grad_accum=3, global_batch=8), world_size=2)
     rc = main(
-        ["finetune", *flags(model=STORIES, data=data, out=tmp_path / "x", devices=2, batch_size=2, global_batch=6)]
+        ["finetune", *cli_flags(model=STORIES, data=data, out=tmp_path / "x", devices=2, batch_size=2, global_batch=6)]
     )
     assert rc == 2 and "not divisible" in capsys.readouterr().err
-    rc = main(["finetune", *flags(model=STORIES, data=data, out=tmp_path / "x", devices=2, strategy="zero3")])
+    rc = main(["finetune", *cli_flags(model=STORIES, data=data, out=tmp_path / "x", devices=2, strategy="zero3")])
     assert rc == 2 and "choose one of ddp, fsdp" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

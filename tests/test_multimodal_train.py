@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED, STORIES
+from helpers import SHARED, STORIES, tiny_run
 
 from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, load_adapter
 from llama_adapter.checkpoint import load_model
@@ -50,24 +50,9 @@ def test_zero_init_equal_with_and_without_image():
 def test_finetune_with_images_then_generate(tmp_path, capsys):
     data, images = image_data(tmp_path)
     out = tmp_path / "run"
-    args = TrainArgs(
-        model=str(STORIES),
-        data=str(data),
-        out=str(out),
-        template="alpaca",
-        adapter_len=4,
-        adapter_layers=5,
-        epochs=6,
-        batch_size=4,
-        lr=2e-2,
-        warmup_steps=2,
-        max_len=200,
-        val_data=str(data),
-        eval_every=6,
-        save_every=100,
-        image_encoder="efficientnet-lite0",
-        feature_cache=str(tmp_path / "cache"),
-    )
+    encoder = dict(image_encoder="efficientnet-lite0", feature_cache=str(tmp_path / "cache"))
+    run = dict(epochs=6, val_data=str(data), eval_every=6, save_every=100, **encoder)
+    args = TrainArgs(**tiny_run(data=str(data), out=str(out), **run))
     res = finetune(args)
     assert res.val_losses[-1][1] < res.val_losses[0][1] - 0.1, res.val_losses
     assert any((tmp_path / "cache").iterdir())
@@ -103,20 +88,7 @@ def test_image_with_text_only_adapter_is_one_line_error(tmp_path, capsys):
     data = tmp_path / "d.json"
     data.write_text(json.dumps(rows))
     out = tmp_path / "text"
-    finetune(
-        TrainArgs(
-            model=str(STORIES),
-            data=str(data),
-            out=str(out),
-            template="alpaca",
-            adapter_len=4,
-            adapter_layers=5,
-            max_steps=1,
-            batch_size=4,
-            val_fraction=0.0,
-            max_len=200,
-        )
-    )
+    finetune(TrainArgs(**tiny_run(data=str(data), out=str(out), max_steps=1, val_fraction=0.0)))
     img = str(sorted(IMAGES.glob("*.jpg"))[0])
     capsys.readouterr()
     rc = main(["generate", "--model", str(STORIES), "--adapter", str(out), "--image", img, "--prompt", "Hi"])

@@ -1,47 +1,32 @@
+import errno
 import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED, STORIES
+from helpers import SHARED, STORIES, cli_flags, fault_env, story_data, tiny_run
 
-from llama_adapter import train as train_mod
 from llama_adapter.adapter import load_adapter
 from llama_adapter.checkpoint import load_model
-from llama_adapter.cli import main
+from llama_adapter.cli import _finetune_argv, main
 from llama_adapter.train import TrainArgs, cosine_lr, finetune, read_metrics
+from llama_adapter.train import recipe as recipe_mod
 
 
 def small_dataset(tmp_path: Path, n: int = 24) -> Path:
-    rows = [
-        {"instruction": f"Tell a story about {name}.", "input": "", "output": f"{name} went to the park and was happy."}
-        for name in ["Lily", "Tom", "Sue", "Ben", "Max", "Mia", "Sam", "Amy"] * (n // 8)
-    ]
-    p = tmp_path / "data.json"
-    p.write_text(json.dumps(rows))
-    return p
+    return story_data(tmp_path, n)
 
 
 def args_for(tmp_path: Path, data: Path, **kw) -> TrainArgs:
-    base = dict(
-        model=str(STORIES),
-        data=str(data),
-        out=str(tmp_path / "run"),
-        template="alpaca",
-        adapter_len=4,
-        adapter_layers=5,
-        epochs=4,
-        batch_size=4,
-        lr=2e-2,
-        warmup_steps=2,
-        max_len=200,
-        val_fraction=0.25,
-        eval_every=5,
-        save_every=3,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainArgs(**base)
+    base = dict(data=str(data), out=str(tmp_path / "run"), epochs=4, val_fraction=0.25, eval_every=5, save_every=3)
+    return TrainArgs(**tiny_run(**{**base, **kw}))
 
 
 def test_cosine_schedule_shape():
@@ -82,11 +67,14 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 17))
     assert resumed.steps == 16
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(full.train_losses), atol=1e-5, rtol=1e-5)
+    # the tokens column continues from the checkpoint (it used to restart from zero)
+    ref_tokens = [int(r["tokens"]) for r in read_metrics(tmp_path / "a" / "run") if r["loss"]]
+    assert [int(r["tokens"]) for r in rows] == ref_tokens and ref_tokens[7] > ref_tokens[6] > 0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     data = small_dataset(tmp_path)
-    real = train_mod.token_loss_sum
+    real = recipe_mod.token_loss_sum
     calls = {"n": 0}
 
     def flaky(model, batch, ctx=None):
@@ -96,7 +84,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(train_mod, "token_loss_sum", flaky)
+    monkeypatch.setattr(recipe_mod, "token_loss_sum", flaky)
     res = finetune(args_for(tmp_path, data, save_every=1))
     assert res.stopped == "nan"
     ckpts = tmp_path / "run" / "checkpoints"
@@ -107,61 +95,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 def test_cli_finetune_then_generate_with_adapter(tmp_path, capsys):
     data = small_dataset(tmp_path)
     out = tmp_path / "cli"
-    rc = main(
-        [
-            "finetune",
-            "--model",
-            str(STORIES),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            "--template",
-            "alpaca",
-            "--adapter-len",
-            "2",
-            "--max-len",
-            "200",
-            "--eval-every",
-            "3",
-        ]
-    )
+    flags = cli_flags(model=STORIES, data=data, out=out, max_steps=3, template="alpaca", adapter_len=2, max_len=200)
+    rc = main(["finetune", *flags, "--eval-every", "3"])
     assert rc == 0
     assert "held-out loss" in capsys.readouterr().out
-    rc = main(
-        [
-            "generate",
-            "--model",
-            str(STORIES),
-            "--adapter",
-            str(out),
-            "--prompt",
-            "Tell a story about Lily.",
-            "--max-new-tokens",
-            "8",
-        ]
-    )
+    argv = ["generate", "--model", str(STORIES), "--adapter", str(out), "--prompt", "Tell a story about Lily."]
+    rc = main([*argv, "--max-new-tokens", "8"])
     assert rc == 0
     assert capsys.readouterr().out.strip()
 
 
 def test_cli_user_errors_are_one_line(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(STORIES),
-                "--data",
-                str(tmp_path / "missing.json"),
-                "--out",
-                str(tmp_path / "x"),
-            ]
-        )
-        == 2
-    )
+    assert main(["finetune", *cli_flags(model=STORIES, data=tmp_path / "missing.json", out=tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing.json" in err and "Traceback" not in err
     bad = tmp_path / "adapter"
@@ -173,28 +118,8 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys):
 def test_cli_adapters_list_inspect_and_convert_roundtrip(tmp_path, capsys):
     data = small_dataset(tmp_path)
     out = tmp_path / "ads" / "tiny"
-    assert (
-        main(
-            [
-                "finetune",
-                "--model",
-                str(STORIES),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--max-steps",
-                "2",
-                "--template",
-                "alpaca",
-                "--adapter-len",
-                "3",
-                "--max-len",
-                "200",
-            ]
-        )
-        == 0
-    )
+    flags = cli_flags(model=STORIES, data=data, out=out, max_steps=2, template="alpaca", adapter_len=3, max_len=200)
+    assert main(["finetune", *flags]) == 0
     capsys.readouterr()
     assert main(["adapters", "list", str(tmp_path / "ads")]) == 0
     listing = capsys.readouterr().out
@@ -268,8 +193,8 @@ def test_cli_finetune_v2_bias_scale_norms_roundtrip(tmp_path, capsys, monkeypatc
     from llama_adapter.v2 import AdapterRMSNorm, ScaledLinear
 
     trained = []
-    real_save = train_mod.save_adapter
-    monkeypatch.setattr(train_mod, "save_adapter", lambda m, *a, **k: trained.append(m) or real_save(m, *a, **k))
+    real_save = recipe_mod.save_adapter
+    monkeypatch.setattr(recipe_mod, "save_adapter", lambda m, *a, **k: trained.append(m) or real_save(m, *a, **k))
     data = small_dataset(tmp_path)
     out = tmp_path / "v2"
     argv = ["finetune", "--model", str(STORIES), "--data", str(data), "--val-data", str(data), "--out", str(out)]
@@ -296,17 +221,27 @@ def test_cli_finetune_v2_bias_scale_norms_roundtrip(tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(visual_layers=2), "--visual-layers needs images.*drop --visual-layers"),
-        (dict(visual_query_blocks=2), "drop --visual-query-blocks or add --image-encoder"),
-        (dict(image_encoder="efficientnet-lite0", visual_query_dim=32), "drop --visual-query-dim"),
-        (dict(image_encoder="efficientnet-lite0", visual_layers=6, adapter_layers=5), "lower or drop --visual-layers"),
+        (dict(visual_layers=2), "--visual-layers=2 .*needs image features.*drop --visual-layers"),
+        (dict(visual_query_blocks=2), "--visual-query-blocks=2 needs an image encoder.*drop --visual-query-blocks"),
+        (dict(image_encoder="efficientnet-lite0", visual_query_dim=32), "--visual-query-dim set.*drop them"),
+        (dict(image_encoder="efficientnet-lite0", visual_layers=6, adapter_layers=5), "drop --visual-layers or lower"),
+        (dict(feature_cache="cache"), "--feature-cache needs images"),
+        (dict(adapter_len=0), "--adapter-len=0: need at least one prompt vector"),
     ],
 )
-def test_incompatible_v2_flags_fail_before_loading(tmp_path, kw, match):
+def test_incompatible_adapter_flags_fail_before_loading(tmp_path, kw, match):
     # a model that does not exist: the option check must come first
     args = TrainArgs(model=str(tmp_path / "no-model.bin"), data=str(small_dataset(tmp_path)), out=str(tmp_path / "o"))
     with pytest.raises(ValueError, match=match):
         finetune(TrainArgs(**{**args.__dict__, **kw}))
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_layers_beyond_the_model_fail_after_the_base_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe_mod, "load_data", lambda *a, **k: pytest.fail("data read before the adapter check"))
+    recipe = recipe_mod.Recipe(args_for(tmp_path, small_dataset(tmp_path), adapter_layers=6))
+    with pytest.raises(ValueError, match="--adapter-layers=6, but the model has 5 layers; choose 1..5"):
+        recipe.setup_model()
 
 
 @needs_images
@@ -379,17 +314,251 @@ def test_schedule_steps_anneals_a_short_run(tmp_path):
     assert lrs["b"][-1] < 0.2 * 2e-2
 
 
-def test_finetune_help_takes_each_option_from_its_trainargs_comment(capsys):
-    import inspect
+def test_finetune_help_takes_each_option_from_its_dataclass_comment(capsys):
+    from dataclasses import fields
 
     from llama_adapter.cli import _field_comments, main
+    from llama_adapter.config import AdapterConfig
+    from llama_adapter.train import ADAPTER_OPTIONS
 
-    comments = _field_comments(TrainArgs)
-    lines = [line.strip() for line in inspect.getsource(TrainArgs).splitlines()]
-    commented = [line for line in lines if ": " in line and "  # " in line and not line.startswith("#")]
-    assert len(comments) == len(commented) > 20
+    own, adapter = _field_comments(TrainArgs), _field_comments(AdapterConfig)
+    assert len(own) > 20 and set(ADAPTER_OPTIONS) - {"visual_query_heads"} <= set(own) | set(adapter)
+    assert adapter["gate_init"].startswith("The gate's starting value")  # a comment above the field
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for name in ("bias_scale", "visual_layers", "data", "image_encoder"):
-        assert " ".join(comments[name].split()) in text, name
+    for f in fields(TrainArgs):
+        if f.name != "extra":
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    for name in ("bias_scale", "visual_layers", "data", "image_encoder", "adapter_len", "adapter_layers"):
+        help = own.get(name) or adapter[name]
+        assert " ".join(help.split()) in text, name
+    assert own["adapter_layers"].startswith("None: min(30, n_layers)")  # TrainArgs' own default wins
+
+
+def test_finetune_argv_round_trips():
+    """The command line `--devices N` gives its processes parses back to the same TrainArgs."""
+    from llama_adapter.cli import _finetune_argv, _parser
+
+    targs = TrainArgs(
+        data="a.json,b.jsonl", adapter_layers=3, bias_scale=True, lr=1e-3, max_steps=7, overwrite=True,
+        visual_layers=2, image_encoder="efficientnet-lite0", clip_grad=0.5, devices=2, template="chatml",
+    )  # fmt: skip
+    ns = _parser().parse_args(_finetune_argv(targs, verbose=False))
+    assert TrainArgs(**{f: getattr(ns, f) for f in targs.__dict__ if hasattr(ns, f)}) == targs
+
+
+# ------------------------------------------------------- bad input and safe resume (issue 18)
+def quick(tmp_path: Path, data: Path, **kw) -> TrainArgs:
+    """12 training examples, 4 held out, batch 4: 3 steps an epoch, 6 in all; a checkpoint every step."""
+    kw = {"epochs": 2, "save_every": 1, "eval_every": 3, "adapter_len": 2, "adapter_layers": 2, **kw}
+    return args_for(tmp_path, data, **kw)
+
+
+@pytest.fixture(scope="module")
+def quick_data(tmp_path_factory) -> Path:
+    return small_dataset(tmp_path_factory.mktemp("data"), n=16)
+
+
+@pytest.fixture(scope="module")
+def quick_reference(quick_data, tmp_path_factory) -> list[dict]:
+    """metrics.csv of the uninterrupted run every interrupted one must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    assert finetune(quick(out, quick_data)).steps == 6
+    return read_metrics(out / "run")
+
+
+def assert_same_curve(out: Path, ref: list[dict]) -> None:
+    rows = read_metrics(out)
+    assert [int(r["step"]) for r in rows] == [int(r["step"]) for r in ref]
+    for key in ("loss", "val_loss"):
+        got, want = ([float(r[key]) if r[key] else float("nan") for r in rs] for rs in (rows, ref))
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-5, equal_nan=True)
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]
+
+
+def temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+    ],
+    ids=["ENOSPC", "torch-writer"],
+)
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, quick_data, monkeypatch, capsys, error):
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kw):
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint: adapter written, optimizer state cut short
+            Path(f).write_bytes(b"PK\x03\x04 half")
+            raise error
+        return real(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    argv = _finetune_argv(quick(tmp_path, quick_data), verbose=False)
+    assert main(argv) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write checkpoint step-0000002"), errors
+    assert f"in {out / 'checkpoints'}: the disk is full" in errors[0]
+    assert f"the previous checkpoint {out / 'checkpoints' / 'step-0000001'} is kept" in errors[0]
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000001"
+    assert not temporaries(out) and [p.name for p in (out / "checkpoints").iterdir()] == ["latest", "step-0000001"]
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, quick_data, quick_reference, caplog):
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    finetune(quick(tmp_path, quick_data, max_steps=4))  # keeps step-3 and step-4
+    weights = ckpts / "step-0000004" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # what a save cut short leaves, here looking like a newer, complete checkpoint: never read
+    shutil.copytree(ckpts / "step-0000003", ckpts / ".step-0000005.tmp")
+    with caplog.at_level(logging.INFO, logger="llama_adapter.train"):
+        res = finetune(quick(tmp_path, quick_data, resume=True))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("checkpoint step-0000004: SafetensorError"), warnings
+    assert warnings[0].endswith("is damaged; resuming from step-0000003, the newest intact one")
+    assert res.steps == 6 and len(res.train_losses) == 6  # the result covers the whole run
+    assert_same_curve(out, quick_reference)
+    assert not temporaries(out)
+    for d in ckpts.glob("step-*"):
+        (d / "trainer_state.json").write_text("{")
+    with pytest.raises(ValueError, match=r"^--resume: no intact checkpoint under .*JSONDecodeError.*--overwrite$"):
+        finetune(quick(tmp_path, quick_data, resume=True))
+
+
+BAD_FLAGS = [
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--blr", "0"], "--blr 0.0: must be > 0"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
+    (["--epochs", "0"], "--epochs 0.0: must be > 0"),
+    (["--max-steps", "-1"], "--max-steps -1: must be >= 1"),
+    (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
+    (["--max-len", "-5"], "--max-len -5: must be >= 2"),
+    (["--warmup-steps", "-2"], "--warmup-steps -2: must be >= 0"),
+    (["--eval-every", "0"], "--eval-every 0: must be >= 1"),
+    (["--save-every", "0"], "--save-every 0: must be >= 1"),
+    (["--val-fraction", "1"], "--val-fraction 1.0: must be in [0, 1)"),
+    (["--precision", "fp8"], "--precision 'fp8': choose one of fp32, bf16, fp16"),
+    (["--template", "llama3"], "--template 'llama3': choose auto or one of alpaca, chatml, plain"),
+    (["--image-encoder", "resnet"], "--image-encoder 'resnet': choose one of efficientnet-lite0"),
+    (["--strategy", "zero3"], "--strategy 'zero3': choose one of ddp, fsdp"),
+    (["--adapter-layers", "0"], "--adapter-layers 0: must be >= 1"),
+    (["--adapter-len", "0"], "--adapter-len=0: need at least one prompt vector"),
+    (["--resume", "--overwrite"], "give one of them"),
+    (["--resume"], "holds no training run (no checkpoints/step-*); check --out, or start without --resume"),
+]
+
+
+@pytest.mark.parametrize("flags, match", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_every_flag_is_checked_before_anything_loads(tmp_path, capsys, flags, match):
+    # the model does not exist and the data is never read: only the option check can answer
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(tmp_path / "no-model.bin"), "--data", str(small_dataset(tmp_path))]
+    assert main([*argv, "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()
+
+
+def test_data_that_is_a_directory_says_so(tmp_path, capsys):
+    argv = ["finetune", "--model", str(tmp_path / "no-model.bin"), "--out", str(tmp_path / "run")]
+    assert main([*argv, "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --data {tmp_path} is a directory; pass a data file in it") and "\n" not in err
+    assert main([*argv, "--data", str(small_dataset(tmp_path)), "--val-data", str(tmp_path)]) == 2
+    assert f"--val-data {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_an_adapter_folder_is_overwritten_only_when_asked(tmp_path, quick_data, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("adapter_config.json", "adapter.safetensors", "notes.txt"):  # first: an adapter but no run
+        (out / name).write_text("{}")
+    argv = _finetune_argv(quick(tmp_path, quick_data, max_steps=1), verbose=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {out} holds an adapter (adapter_config.json) but no training run; pass --overwrite to replace "
+        "it or choose another --out"
+    )
+    assert (out / "adapter.safetensors").read_text() == "{}"
+    (out / "checkpoints" / "step-0000099").mkdir(parents=True)  # then: a run, replaced with --overwrite
+    assert main([*argv, "--overwrite"]) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["latest", "step-0000001"]
+    assert json.loads((out / "adapter_config.json").read_text())["adapter"]["adapter_len"] == 2
+    assert (out / "notes.txt").read_text() == "{}"  # not a file of the run: kept
+
+
+def test_drawing_the_loss_plot_prints_nothing_on_stderr(tmp_path):
+    from llama_adapter.train import write_metrics
+
+    rows = [
+        {"step": 0, "loss": "", "val_loss": 3.0},
+        {"step": 1, "loss": 3.2, "val_loss": ""},
+        {"step": 2, "loss": 2.9, "val_loss": 2.8},
+    ]
+    write_metrics(tmp_path, rows)
+    code = (
+        "import logging, sys; from pathlib import Path; from llama_adapter.train import plot_losses; "
+        "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr); plot_losses(Path(sys.argv[1]))"
+    )
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "fresh-matplotlib-cache")}  # the font cache is rebuilt
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0 and (tmp_path / "loss.png").is_file(), p.stderr
+    assert "font" not in p.stderr.lower(), p.stderr
+
+
+def run_killed_then_resumed(tmp_path: Path, data: Path, env: dict[str, str], kill_after_s: float | None = None) -> bool:
+    """`finetune` in a child process that dies of SIGKILL (the hook in `env`, or after `kill_after_s`),
+    then `--resume` (or a fresh start when it died before its first checkpoint) to the end. Whether
+    it was killed."""
+    targs = quick(tmp_path, data)
+    cmd = [sys.executable, "-m", "llama_adapter", *_finetune_argv(targs, verbose=False)]
+    child = {"OMP_NUM_THREADS": "1", "LLAMA_ADAPTER_TEST_KILL_DIR": targs.out}
+    p = subprocess.Popen(cmd, env={**env, **child}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=kill_after_s)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    killed = p.returncode == -signal.SIGKILL
+    assert killed or p.returncode == 0, err[-3000:]
+    if killed:
+        quiet = {**os.environ, **child}
+        r = subprocess.run([*cmd, "--resume"], env=quiet, capture_output=True, text=True, timeout=600)
+        if r.returncode == 2 and "holds no training run" in r.stderr:  # killed before its first checkpoint
+            r = subprocess.run(cmd, env=quiet, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, err[-1500:] + r.stderr[-3000:]
+    return killed
+
+
+def test_kill_9_in_a_checkpoint_then_resume_gives_the_same_curve(tmp_path, quick_data, quick_reference):
+    # the second optimizer state is torn mid-write, then the process dies: .step-0000002.tmp stays behind
+    env = fault_env(LLAMA_ADAPTER_TEST_KILL_AT="2", LLAMA_ADAPTER_TEST_KILL_ON="torch.save")
+    assert run_killed_then_resumed(tmp_path, quick_data, env)
+    assert_same_curve(tmp_path / "run", quick_reference)
+    assert not temporaries(tmp_path / "run") and (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(24))
+def test_kill_9_anywhere_then_resume_gives_the_same_curve(tmp_path, quick_data, quick_reference, trial):
+    """Many kill points: every 4th trial a SIGKILL from outside after a random time, the others at
+    a random event of the run (an optimizer step, or a write, rename or delete of its files)."""
+    rng = random.Random(trial)
+    if trial % 4 == 3:
+        run_killed_then_resumed(tmp_path, quick_data, dict(os.environ), kill_after_s=rng.uniform(2.0, 25.0))
+    else:
+        run_killed_then_resumed(tmp_path, quick_data, fault_env(LLAMA_ADAPTER_TEST_KILL_AT=str(rng.randint(1, 100))))
+    assert_same_curve(tmp_path / "run", quick_reference)
+    assert not temporaries(tmp_path / "run") and (tmp_path / "run" / "adapter.safetensors").is_file()

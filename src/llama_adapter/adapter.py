@@ -138,10 +138,12 @@ class AdaptedAttention(Attention):
         base.n_heads, base.n_kv_heads, base.head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         return base
 
-    def prompt_kv(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts through this layer's frozen K/V projections: no RoPE, no norm (as official)."""
+    def prompt_kv(self, prompt: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts through this layer's frozen K/V projections: no RoPE, no norm (as official).
+        `dtype`: the activations' (the projections may hold packed integer weights)."""
         B, K, _ = prompt.shape
-        prompt = prompt.to(self.wk.weight.dtype)
+        w = self.wk.weight
+        prompt = prompt.to(dtype or (w.dtype if w.is_floating_point() else torch.float32))
         k = self.wk(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
@@ -223,7 +225,7 @@ class AdaptedLLaMA(nn.Module):
         config.validate(model.config)
         self.model = model
         self.adapter_config = config
-        device = model.tok_embeddings.weight.device
+        device = model.device
         self.adapter = AdaptionPrompt(config, model.config).to(device)
         if config.visual_query_blocks and (config.visual_query_dim or model.config.dim) % config.visual_query_heads:
             raise ValueError(

@@ -124,22 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     _input_flags(c, batch=False)
 
     f = cmd("finetune", "Train an adapter on instruction data (Alpaca JSON/JSONL or chat JSONL).")
-    from .train import TrainArgs
-
-    helps = _field_comments(TrainArgs)
-    for fld in fields(TrainArgs):
-        if fld.name in ("extra",):
-            continue
-        flag = "--" + fld.name.replace("_", "-")
-        doc = helps.get(fld.name, "")
-        if fld.type == "bool":
-            f.add_argument(flag, action="store_true", help=f"{doc} (default: {fld.default})".strip())
-            continue
-        typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
-        f.add_argument(
-            flag, type=typ, default=fld.default, required=fld.name == "data",
-            help=f"{doc} (default: {fld.default})".strip(),
-        )  # fmt: skip
+    _finetune_args(f)
     cv = cmd("convert", "Convert adapters (ours / PEFT / official LLaMA-Adapter) or base checkpoints (to HF).")
     cvs = cv.add_subparsers(dest="what", metavar="WHAT", required=True)
     ca = cvs.add_parser("adapter", help="SRC adapter (dir or .pth) -> DST in another format")
@@ -174,6 +159,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _finetune_args(f: argparse.ArgumentParser) -> None:
+    """One flag per TrainArgs field; the adapter's own options (AdapterConfig's) in a group of their own."""
+    from .config import AdapterConfig
+    from .train import ADAPTER_OPTIONS, TrainArgs
+
+    helps = {**_field_comments(AdapterConfig), **_field_comments(TrainArgs)}
+    adapter = f.add_argument_group("adapter options (AdapterConfig)")
+    for fld in fields(TrainArgs):
+        if fld.name in ("extra",):
+            continue
+        sp = adapter if fld.name in ADAPTER_OPTIONS else f
+        flag = "--" + fld.name.replace("_", "-")
+        doc = helps.get(fld.name, "")
+        if fld.type == "bool":
+            sp.add_argument(flag, action="store_true", help=f"{doc} (default: {fld.default})".strip())
+            continue
+        typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
+        sp.add_argument(
+            flag, type=typ, default=fld.default, required=fld.name == "data",
+            help=f"{doc} (default: {fld.default})".strip(),
+        )  # fmt: skip
+
+
 INPUT_HELP = {
     "image": "image file",
     "audio": "audio file (mp3, wav, flac, ogg)",
@@ -193,8 +201,9 @@ def _input_flags(sp: argparse.ArgumentParser, batch: bool) -> None:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """A dataclass field's trailing `# comment` in its source, so `finetune --help` and TrainArgs
-    document each option in one place. Empty when the source is not available."""
+    """A dataclass field's `# comment` in its source (trailing, else the first sentence of the
+    comment lines just above it), so `finetune --help` and the dataclass document each option in
+    one place. Empty when the source is not available."""
     import inspect
     import re
 
@@ -203,8 +212,16 @@ def _field_comments(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     out = {}
-    for m in re.finditer(r"^\s+(\w+): [^\n=]+= [^\n#]*#\s*(.+)$", src, re.MULTILINE):
-        out[m.group(1)] = m.group(2).strip().replace("%", "%%")
+    above: list[str] = []
+    for line in src.splitlines():
+        if m := re.match(r"^\s+#\s?(.*)$", line):
+            above.append(m.group(1).strip())
+            continue
+        m = re.match(r"^\s+(\w+): [^\n=]+= [^\n#]*?(?:#\s*(.+))?$", line)
+        if m and (m.group(2) or above):
+            text = m.group(2) or re.split(r"(?<=\.)\s", " ".join(above), maxsplit=1)[0]
+            out[m.group(1)] = text.strip().replace("%", "%%")
+        above = []
     return out
 
 
@@ -428,14 +445,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     import os
 
-    from .distributed import DistributedError, check_options, launch, launched_by_torchrun
-    from .train import TrainArgs, finetune, resolve_grad_accum
+    from .distributed import DistributedError, launch, launched_by_torchrun
+    from .train import TrainArgs, finetune
 
     targs = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs) if hasattr(args, f.name)})
     if (targs.devices or 1) > 1 and not launched_by_torchrun():
-        # Bad options: one error here, not one per process.
-        check_options(targs.devices, targs.strategy, targs.device, targs.dist_timeout_s)
-        resolve_grad_accum(targs, targs.devices)
+        targs.validate(targs.devices)  # bad options: one error here, not one per process
         return launch(_finetune_argv(targs, args.verbose), targs.devices)
     try:
         res = finetune(targs)

@@ -31,6 +31,19 @@ ROLES = ("system", "user", "assistant")
 
 
 # ------------------------------------------------------------------------------------------------- loading
+def check_data_file(path: str | Path, flag: str = "--data") -> Path:
+    """`path` as a Path if it is a file; else an error that says whether it is missing or a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{flag} {path} is a directory; pass a data file in it (Alpaca JSON/JSONL or chat JSONL), "
+            "several as a,b.jsonl"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}; pass an Alpaca JSON/JSONL or chat JSONL file")
+    return path
+
+
 def _check_example(item: Any, where: str) -> dict:
     if not isinstance(item, dict):
         raise ValueError(
@@ -67,9 +80,7 @@ def _check_example(item: Any, where: str) -> dict:
 
 def load_examples(path: str | Path) -> list[dict]:
     """Read Alpaca JSON/JSONL or chat JSONL; errors name the file and line (JSONL) or item index (JSON list)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}; pass an Alpaca JSON/JSONL or chat JSONL file")
+    path = check_data_file(path)
     raw = path.read_bytes()
     if raw.lstrip()[:1] == b"[":  # one JSON list
         try:
@@ -117,9 +128,7 @@ def split_paths(data: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def file_has_images(path: str | Path) -> bool:
     """Whether any example of a JSON list / JSONL file names an image (an image-text file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}; pass an Alpaca JSON/JSONL or chat JSONL file")
+    path = check_data_file(path)
     raw = path.read_bytes()
     if raw.lstrip()[:1] == b"[":
         try:
@@ -279,6 +288,11 @@ def _get(item: Any, key: str) -> list[int]:
     return item[key] if isinstance(item, dict) else getattr(item, key)
 
 
+def target_count(item: Any) -> int:
+    """Tokens that carry loss in one encoded item (the loss at position t predicts labels[t + 1])."""
+    return sum(1 for t in _get(item, "labels")[1:] if t != IGNORE_INDEX)
+
+
 def collate(items: Sequence[Any], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest item: input_ids [B, T] (pad_id), labels [B, T] (-100 on padding), lengths [B]."""
     lengths = [len(_get(it, "input_ids")) for it in items]
@@ -338,17 +352,9 @@ def batch_indices(
     return batches
 
 
-def iterate_batches(
-    items: Sequence[Any],
-    batch_size: int,
-    pad_id: int,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-    sort_by_length: bool = True,
-    drop_last: bool = False,
-) -> Iterator[dict]:
-    """DataLoader-free iterator of collated batches over encoded items (see `batch_indices`)."""
+def iterate_batches(items: Sequence[Any], batch_size: int, pad_id: int, **order: Any) -> Iterator[dict]:
+    """DataLoader-free iterator of collated batches over encoded items; `order` are the keyword
+    arguments of `batch_indices` (shuffle, seed, epoch, sort_by_length, drop_last)."""
     lengths = [len(_get(it, "input_ids")) for it in items]
-    for b in batch_indices(lengths, batch_size, shuffle, seed, epoch, sort_by_length, drop_last):
+    for b in batch_indices(lengths, batch_size, **order):
         yield collate([items[i] for i in b], pad_id)

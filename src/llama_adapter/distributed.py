@@ -8,7 +8,7 @@ How a run becomes distributed:
 
 What is replicated and what is sharded:
 - Every rank computes the same global batch order (it depends only on seed and epoch) and takes its
-  own micro-batches from it (see `train.fit`), so no DistributedSampler is needed and `N x batch b`
+  own micro-batches from it (see `train.Recipe.step`), so no DistributedSampler is needed and `N x batch b`
   computes the same step as `1 x batch N*b`.
 - "ddp": `DistributedDataParallel` around the adapted model. Only parameters that require grad (the
   adapter) are all-reduced; the frozen base is simply loaded on every rank.
@@ -46,10 +46,6 @@ from torch import nn
 log = logging.getLogger("llama_adapter.distributed")
 
 STRATEGIES = ("ddp", "fsdp")
-# Test hooks: make one rank fail at a given optimizer step, to check that the others do not hang.
-CRASH_RANK_ENV = "LLAMA_ADAPTER_TEST_CRASH_RANK"
-CRASH_STEP_ENV = "LLAMA_ADAPTER_TEST_CRASH_STEP"  # default 1: after the first backward
-CRASH_MODE_ENV = "LLAMA_ADAPTER_TEST_CRASH_MODE"  # "exit" (die at once, exit code 17) or "hang" (sleep forever)
 
 
 class DistributedError(RuntimeError):
@@ -58,6 +54,13 @@ class DistributedError(RuntimeError):
 
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def process_rank_world(devices: int | None) -> tuple[int, int]:
+    """(rank, world size) this process has or will have: torchrun's, else the `--devices` plan."""
+    if launched_by_torchrun():
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, devices or 1
 
 
 @dataclass
@@ -152,7 +155,6 @@ class Parallel:
     def after_backward(self, step: int) -> None:
         """After the last micro-batch of `step` (0-based): FSDP's replicated adapter gradients are
         averaged over ranks here (DDP did it during backward)."""
-        _maybe_inject_failure(self.rank, step)
         if not self.enabled or self.strategy != "fsdp":
             return
         import torch.distributed as dist
@@ -202,6 +204,16 @@ class Parallel:
             optimizer.load_state_dict(payload["optimizer"])
         return payload["state"]
 
+    def all_sum(self, x: float) -> float:
+        """`x` summed over all ranks (losses and token counts of a step or an evaluation)."""
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+
+        t = torch.tensor([x], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item())
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
@@ -229,20 +241,9 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _maybe_inject_failure(rank: int, step: int) -> None:
-    want = os.environ.get(CRASH_RANK_ENV)
-    if want is None or int(want) != rank or step + 1 < int(os.environ.get(CRASH_STEP_ENV, "1")):
-        return
-    mode = os.environ.get(CRASH_MODE_ENV, "exit")
-    print(f"[rank {rank}] {CRASH_RANK_ENV}: simulated failure ({mode}) at step {step + 1}", file=sys.stderr, flush=True)
-    if mode == "hang":
-        while True:
-            time.sleep(3600)
-    os._exit(17)
-
-
 # -- process group ------------------------------------------------------------------------------
 def check_options(devices: int | None, strategy: str, device: str, timeout_s: float) -> None:
+    """The distributed options of a run (TrainArgs.validate calls this before anything starts)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if devices is not None and devices < 1:
@@ -260,15 +261,14 @@ def setup_distributed(
 ) -> Parallel:
     """Join the process group when started by torchrun (or `launch`); a no-op for one process.
 
-    CUDA: one GPU per process, `cuda:LOCAL_RANK`, NCCL. CPU: gloo.
+    CUDA: one GPU per process, `cuda:LOCAL_RANK`, NCCL. CPU: gloo. The options were checked by
+    `check_options` (TrainArgs.validate); what is checked here depends on how the processes started.
     """
-    check_options(devices, strategy, device, timeout_s)
     if not launched_by_torchrun():
         if devices not in (None, 1):
             raise AssertionError("--devices > 1 must go through launch()")  # the CLI does this
         return Parallel(device=device, strategy=strategy, timeout_s=timeout_s)
-    world = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
+    rank, world = process_rank_world(devices)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if devices is not None and devices != world:
         raise ValueError(

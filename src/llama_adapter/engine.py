@@ -146,7 +146,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.device
 
     @property
     def free(self) -> int:

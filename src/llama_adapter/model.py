@@ -254,12 +254,22 @@ class LLaMA(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype. Weights may be packed integers (quant.QuantLinear); the norms are
+        always floating point in the precision the model computes in."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> list[KVCache]:
         c = self.config
         max_len = min(max_len or c.max_seq_len, c.max_seq_len)
-        p = self.tok_embeddings.weight
         return [
-            KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or p.dtype, p.device) for _ in range(c.n_layers)
+            KVCache(batch, max_len, c.n_kv_heads, c.head_dim, dtype or self.dtype, self.device)
+            for _ in range(c.n_layers)
         ]
 
     def forward(
@@ -318,7 +328,7 @@ class LLaMA(nn.Module):
     ) -> Positions:
         B, T = idx.shape
         device = idx.device
-        dtype = self.tok_embeddings.weight.dtype
+        dtype = self.dtype
         if packing is not None:
             if cached or not isinstance(start, int) or start:
                 raise ValueError("packed rows are for training: no cache and no start offset")
