@@ -35,7 +35,7 @@ from .bind import BindProjection, EmbeddingSpace
 from .encoders import get_image_encoder
 from .inputs import MODALITIES, Input
 from .points import PointEncoder
-from .video import VIDEO_FRAMES, embed_video
+from .video import VIDEO_FRAMES, embed_video, uniform_indices
 
 MODALITY_FILE = "modalities.safetensors"
 _AUDIO_ENCODER: list[AisfxEncoder] = []  # loaded once per process (chat loops, servers)
@@ -131,8 +131,12 @@ class ModalitySet(nn.Module):
                 ims = [inputs[i].data for i in rows["image"]]
                 f = enc.embed_tokens(ims).flatten(1) if self.tokens else enc.embed(ims)
                 out[rows["image"]] = f.to(dev, out.dtype)
-            for i in rows["video"]:
-                out[i] = embed_video(enc, inputs[i].data, self.tokens).to(dev, out.dtype)
+            for i in rows[
+                "video"
+            ]:  # clips are read with VIDEO_FRAMES frames; an adapter recorded with fewer uses fewer
+                frames = inputs[i].data
+                frames = [frames[j] for j in uniform_indices(len(frames), self.video_frames)]
+                out[i] = embed_video(enc, frames, self.tokens).to(dev, out.dtype)
         if rows["audio"]:
             enc = audio_encoder()
             emb = torch.stack([enc.embed_wave(inputs[i].data) for i in rows["audio"]])
