@@ -110,3 +110,38 @@ def test_stop_button_cancels_on_the_server(live, browser):
              what="the server to cancel the row")  # fmt: skip
     time.sleep(0.1)
     assert e.snapshot()["active"] == 0
+
+
+def test_attach_takes_what_the_model_takes(live, browser, tmp_path):
+    """'vis' takes image and video: a GIF goes out as an input_video part, a point cloud is refused
+    on the page (the model takes no points), and a text-only model disables the control."""
+    from PIL import Image
+    from selenium.webdriver.support.ui import Select
+
+    frames = [Image.new("RGB", (24, 24), (40 * i, 0, 0)) for i in range(4)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100)
+    (tmp_path / "cloud.ply").write_text("ply\n")
+    browser.get(live.url + "/")
+    wait_for(lambda: len(browser.find_elements("css selector", "#model option")) == 3, what="the model list")
+    Select(browser.find_element("id", "model")).select_by_value("tiny")
+    assert not browser.find_element("id", "image").is_enabled()
+    Select(browser.find_element("id", "model")).select_by_value("vis")
+    picker = browser.find_element("id", "image")
+    assert picker.is_enabled() and "video/*" in picker.get_attribute("accept")
+    picker.send_keys(str(tmp_path / "cloud.ply"))
+    wait_for(lambda: "takes image, video" in browser.find_element("id", "status").text, what="the refusal")
+    browser.execute_script(
+        "window.sent = []; const f = window.fetch; window.fetch = (u, o) => {"
+        " if (o && o.body) window.sent.push(JSON.parse(o.body)); return f(u, o); };"
+    )
+    picker.send_keys(str(tmp_path / "clip.gif"))
+    wait_for(lambda: "video: clip.gif" in browser.find_element("id", "image-name").text, what="the attachment")
+    _set(browser, "max-tokens", 5)
+    browser.find_element("id", "input").send_keys("Once upon a time")
+    browser.find_element("id", "send").click()
+    wait_for(lambda: browser.execute_script("return window.sent.length") == 1, what="the request")
+    part = browser.execute_script("return window.sent[0].messages[0].content[1]")
+    assert part["type"] == "input_video" and part["input_video"]["format"] == "gif" and part["input_video"]["data"]
+    reply = browser.find_elements("css selector", ".msg.assistant")[-1]
+    wait_for(lambda: reply.get_attribute("data-finish") in ("stop", "length"), timeout=30, what="the reply")
+    assert "[video: clip.gif]" in browser.find_elements("css selector", ".msg.user")[-1].text
