@@ -48,6 +48,7 @@ from llama_adapter.multimodal import (
     EMBED_DIM,
     EmbeddingSpace,
     FeatureCache,
+    ModalitySet,
     cache_enhance,
     embed_audio_files,
     flickr8k_to_jsonl,
@@ -193,10 +194,13 @@ def main() -> int:
         v0 = res.val_losses[0][1] if res.val_losses else float("nan")
         v1 = res.val_losses[-1][1] if res.val_losses else float("nan")
         dt = time.time() - t
-        meta = {"example": "imagebind_audio", "n_train_images": n_train, "steps": steps, "val_loss": [v0, v1],
-                "train_seconds": dt, "batch_size": a.batch_size, "max_len": a.max_len, "lr": a.lr}  # fmt: skip
+        meta = {"example": "imagebind_audio", "template": template, "n_train_images": n_train, "steps": steps,
+                "val_loss": [v0, v1], "train_seconds": dt, "batch_size": a.batch_size, "max_len": a.max_len, "lr": a.lr}  # fmt: skip
         save_adapter(model, out / "adapter", metadata=meta)
         times[f"caption adapter training ({steps} steps)"] = dt
+    # What `generate --audio / --image / --video` need: the image space and the audio projection, saved
+    # beside the adapter (modalities.safetensors) and named in its adapter_config.json.
+    ModalitySet("efficientnet-lite0", z_train.shape[1], space=space, audio=proj).save(a.adapter or out / "adapter")
     gates = torch.tanh(torch.stack([blk.adapter_bind_gate for blk in base.layers])).detach()
     print(
         f"trained {steps} steps; held-out loss {v0:.3f} -> {v1:.3f}; |tanh(bind gate)| mean "
