@@ -195,7 +195,8 @@ def main() -> int:
         v1 = res.val_losses[-1][1] if res.val_losses else float("nan")
         dt = time.time() - t
         meta = {"example": "imagebind_audio", "template": template, "n_train_images": n_train, "steps": steps,
-                "val_loss": [v0, v1], "train_seconds": dt, "batch_size": a.batch_size, "max_len": a.max_len, "lr": a.lr}  # fmt: skip
+                "val_loss": [v0, v1], "train_seconds": dt, "batch_size": a.batch_size, "max_len": a.max_len,
+                "lr": a.lr}  # fmt: skip
         save_adapter(model, out / "adapter", metadata=meta)
         times[f"caption adapter training ({steps} steps)"] = dt
     # What `generate --audio / --image / --video` need: the image space and the audio projection, saved
