@@ -1,0 +1,162 @@
+"""Write docs/errors.md: every error a user can get from llama-adapter, what it means and what to do.
+
+The catalogue is read from the code itself (every `raise ValueError(...)` and every HTTP `APIError(...)`
+in src/llama_adapter), so it cannot drift from what the program prints. Each message follows the rule
+"what is wrong; how to fix it": the part before the first "; " goes in the first column, the rest in
+the second. `{...}` marks a value filled in at run time (a path, a number, a flag).
+
+    python scripts/error_catalogue.py           # rewrite docs/errors.md
+    python scripts/error_catalogue.py --check   # exit 1 if docs/errors.md is out of date (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "llama_adapter"
+OUT = ROOT / "docs" / "errors.md"
+
+AREAS = [  # module prefix -> section title, in the order a user meets them
+    ("cli", "Command line"),
+    ("prompt_rows", "Command line"),
+    ("loading", "Loading a model, tokenizer and adapters"),
+    ("checkpoint", "Model files (GGUF, llama2.c, Hugging Face, Meta)"),
+    ("quant", "Quantized weights"),
+    ("tokenizer", "Tokenizer files and chat templates"),
+    ("config", "Model and adapter configuration"),
+    ("adapter", "Adapter files and options"),
+    ("v2", "Adapter files and options"),
+    ("interop", "Converting adapters (PEFT, official LLaMA-Adapter)"),
+    ("data", "Training data"),
+    ("train", "Training runs (finetune)"),
+    ("distributed", "Training runs (finetune)"),
+    ("multimodal", "Images, audio, video and point clouds"),
+    ("evaluate", "Evaluation and benchmark data"),
+    ("metrics", "Evaluation and benchmark data"),
+    ("sampling", "Generation"),
+    ("generate", "Generation"),
+    ("engine", "Generation"),
+    ("chat", "Generation"),
+    ("model", "Generation"),
+    ("serve", "Server (HTTP status and message)"),
+]
+
+
+def placeholder(expr: ast.AST) -> str:
+    """A short name for a value filled in at run time: `path` for `path`, `batch_size` for
+    `args.batch_size`, `...` for anything computed."""
+    while isinstance(expr, ast.Subscript):
+        expr = expr.value
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Attribute):
+        return expr.attr
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in ("len", "str", "repr", "int"):
+        return placeholder(expr.args[0]) if expr.args else "..."
+    return "..."
+
+
+def render(node: ast.AST) -> str | None:
+    """The message template of a string or f-string node; None for anything computed."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for v in node.values:
+            if isinstance(v, ast.Constant):
+                parts.append(str(v.value))
+            else:
+                parts.append("{" + placeholder(v.value) + "}")
+        return "".join(parts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        a, b = render(node.left), render(node.right)
+        return None if a is None or b is None else a + b
+    return None
+
+
+def messages(path: Path) -> list[tuple[str, str]]:
+    """(status, message) of every ValueError / APIError raised in one file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Raise) or not isinstance(node.exc, ast.Call):
+            continue
+        name = node.exc.func.id if isinstance(node.exc.func, ast.Name) else getattr(node.exc.func, "attr", "")
+        args = node.exc.args
+        if name == "ValueError" and args:
+            text, status = render(args[0]), ""
+        elif name == "APIError" and len(args) >= 2:
+            text = render(args[1])
+            status = str(args[0].value) if isinstance(args[0], ast.Constant) else ""
+        else:
+            continue
+        if text:
+            out.append((status, " ".join(text.split())))
+    return out
+
+
+def area(rel: str) -> str:
+    for prefix, title in AREAS:
+        if rel == prefix or rel.startswith(prefix + "/") or rel.startswith(prefix + "."):
+            return title
+    return "Other"
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def build() -> str:
+    sections: dict[str, list[tuple[str, str, str]]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        for status, text in messages(path):
+            what, _, fix = text.partition("; ")
+            sections.setdefault(area(rel), []).append((status, what, fix))
+    order = list(dict.fromkeys(t for _, t in AREAS)) + ["Other"]
+    lines = [
+        "# Errors: what each one means and what to do",
+        "",
+        "Generated by `python scripts/error_catalogue.py` from the messages in the code; do not edit by hand.",
+        "",
+        "Every mistake in your input (a file, a flag, a data line, a request) ends in one line that starts",
+        "with `error:` and exit status 2 (the server answers HTTP 4xx with the same message). Each message",
+        "says what is wrong, then how to fix it. `{...}` is a value filled in when it happens (a path, a",
+        "number, a name). A traceback followed by *this is a bug in llama-adapter* is ours: please report it",
+        "with the command you ran.",
+        "",
+    ]
+    for title in order:
+        rows = sorted(set(sections.get(title, [])), key=lambda r: (r[0], r[1].lower()))
+        if not rows:
+            continue
+        lines += [f"## {title}", ""]
+        serve = title.startswith("Server")
+        lines += ["| HTTP | what is wrong | what to do |", "|---|---|---|"] if serve else [
+            "| what is wrong | what to do |", "|---|---|"]  # fmt: skip
+        for status, what, fix in rows:
+            lines.append(f"| {status} | {cell(what)} | {cell(fix)} |" if serve else f"| {cell(what)} | {cell(fix)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="fail if docs/errors.md is not what the code says")
+    args = p.parse_args(argv)
+    text = build()
+    if args.check:
+        if not OUT.is_file() or OUT.read_text(encoding="utf-8") != text:
+            print("docs/errors.md is out of date: run python scripts/error_catalogue.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
