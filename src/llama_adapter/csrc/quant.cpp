@@ -1,0 +1,517 @@
+// y = x @ W^T for weights kept in GGUF's block layouts (q4_0, q4_1, q8_0), with AVX2 integer dot products.
+//
+// Why it looks like this: decoding reads every weight once per token, so the weights stay packed (0.56-1.06
+// bytes per weight instead of 4) and are expanded in registers. x is quantized once per call to 8 bits per
+// block of 32 (llama.cpp's q8 activations), which turns each 32-weight block into one `maddubs` + `madd`
+// instead of 32 float FMAs. Tiles of RM activation rows x RN weight rows reuse every unpacked weight block
+// across the batch, so batch 8 costs little more than batch 1.
+//
+// Only light headers (no <torch/extension.h>, no pybind11): ops are registered with TORCH_LIBRARY and
+// called through torch.ops, which halves the first build and keeps the ops visible to torch.compile.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace {
+
+constexpr int64_t QK = 32;
+enum Fmt : int64_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+
+inline int64_t block_bytes(int64_t fmt) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 2, "llama_adapter_quant: unknown format id ", fmt);
+  return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : 34;
+}
+
+inline float h2f(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ------------------------------------------------------------------------------------------- weight blocks
+// Per format: the 32 quants in one register (q4: unsigned 0..15 in element order; q8: signed) and the scales.
+// q4 nibbles: one broadcast load puts the 16 bytes in both 128-bit lanes, a per-lane shift (0 | 4) and a mask
+// leave elements 0..15 in the low lane and 16..31 in the high one: 3 instructions.
+inline __m256i nibbles(const uint8_t* p) {
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+
+template <int F>
+struct Block;
+
+template <>
+struct Block<Q4_0> {  // value = d * (q - 8)
+  static constexpr int64_t BYTES = 18;
+  static inline __m256i q(const uint8_t* p) { return nibbles(p + 2); }
+};
+
+template <>
+struct Block<Q4_1> {  // value = d * q + m
+  static constexpr int64_t BYTES = 20;
+  static inline __m256i q(const uint8_t* p) { return nibbles(p + 4); }
+  // d and m are adjacent: one load and one conversion for both.
+  static inline void dm(const uint8_t* p, __m256& d, __m256& m) {
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    const __m256 f = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(v))));
+    d = _mm256_broadcastss_ps(_mm256_castps256_ps128(f));
+    m = _mm256_permutevar8x32_ps(f, _mm256_set1_epi32(1));
+  }
+};
+
+template <>
+struct Block<Q8_0> {  // value = d * q
+  static constexpr int64_t BYTES = 34;
+  static inline __m256i q(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2)); }
+};
+
+// ---------------------------------------------------------------------------------- activation quantization
+// x [M, K] fp32 -> per block of 32: q (int8), d (scale) and what each format needs for its offset term:
+//   q4_1: s = d * sum(q) / 8 (the min term m*s is spread over the 8 float lanes: one FMA, no extra register)
+//   q4_0: o = 8 * (q[2i] + q[2i+1]) as 16 int16, so maddubs(q_w, q_x) - o = sum((q_w - 8) * q_x) exactly,
+//         one integer subtract per block instead of a float term.
+// Blocks are stored group-interleaved: rows are taken G at a time (G = the kernel's RM) and block b of row m
+// sits at slot ((m / G) * KB + b) * G + m % G, so a tile walks one pointer per array instead of one per row
+// (4 rows x 3 arrays of pointers did not fit the general registers and spilled).
+struct ActQ {
+  int64_t G = 1;
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> d, s;
+  std::unique_ptr<int16_t[]> o;
+};
+
+ActQ quantize_act(const float* x, int64_t M, int64_t K, int64_t fmt, int64_t G) {
+  const int64_t KB = K / QK, nb = M * KB, slots = (M + G - 1) / G * G * KB;
+  ActQ a;
+  a.G = G;
+  a.q.reset(new int8_t[slots * QK]);
+  a.d.reset(new float[slots]);
+  if (fmt == Q4_1) a.s.reset(new float[slots]);
+  if (fmt == Q4_0) a.o.reset(new int16_t[slots * 16]);
+  int8_t* q = a.q.get();
+  float* d = a.d.get();
+  float* s = a.s.get();
+  int16_t* o = a.o.get();
+  at::parallel_for(0, nb, 1024, [&](int64_t b0, int64_t b1) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = b0; i < b1; ++i) {
+      const float* p = x + i * QK;
+      const int64_t row = i / KB, slot = (row / G * KB + i % KB) * G + row % G;
+      __m256 v0 = _mm256_loadu_ps(p), v1 = _mm256_loadu_ps(p + 8), v2 = _mm256_loadu_ps(p + 16),
+             v3 = _mm256_loadu_ps(p + 24);
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      const float amax = _mm_cvtss_f32(m4);
+      const float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+      const __m256 mul = _mm256_set1_ps(id);
+      constexpr int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), R));
+      __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), R));
+      __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), R));
+      __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), R));
+      if (s) {
+        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        s[slot] = dd * static_cast<float>(_mm_cvtsi128_si32(s4)) * 0.125f;
+      }
+      i0 = _mm256_packs_epi32(i0, i1);
+      i2 = _mm256_packs_epi32(i2, i3);
+      i0 = _mm256_packs_epi16(i0, i2);
+      i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + slot * QK), i0);
+      if (o) {
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), i0);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + slot * 16), _mm256_slli_epi16(pairs, 3));
+      }
+      d[slot] = dd;
+    }
+  });
+  return a;
+}
+
+// ------------------------------------------------------------------------------------------ int8 kernel
+// RM activation rows x RN weight rows over all of K; the RM*RN accumulators stay in registers.
+template <int F, int RM, int RN>
+inline void tile_q8(const uint8_t* w, int64_t row_bytes, const ActQ& a, int64_t K, int64_t m0, int64_t n0, float* y,
+                    int64_t ldy) {
+  using B = Block<F>;
+  const int64_t KB = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[RM][RN];
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  const uint8_t* wr = w + n0 * row_bytes;
+  const int64_t G = a.G, base = m0 / G * KB * G + m0 % G;  // slot of (m0, b = 0); the next block is G on
+  const int8_t* qa = a.q.get() + base * QK;
+  const float* da = a.d.get() + base;
+  const float* sa = F == Q4_1 ? a.s.get() + base : nullptr;
+  const int16_t* oa = F == Q4_0 ? a.o.get() + base * 16 : nullptr;
+  for (int64_t b = 0; b < KB; ++b) {
+    __m256i wq[RN], wabs[RN];
+    __m256 wd[RN], wm[RN];
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* p = wr + n * row_bytes + b * B::BYTES;
+      wq[n] = B::q(p);
+      if constexpr (F == Q4_1) {
+        B::dm(p, wd[n], wm[n]);
+      } else {
+        wd[n] = _mm256_set1_ps(h2f(p));
+      }
+      if constexpr (F == Q8_0) wabs[n] = _mm256_sign_epi8(wq[n], wq[n]);  // maddubs wants one unsigned side
+    }
+    for (int m = 0; m < RM; ++m) {
+      const int64_t sl = b * G + m;
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qa + sl * QK));
+      const __m256 ad = _mm256_broadcast_ss(da + sl);
+      __m256 as;
+      __m256i ao;
+      if constexpr (F == Q4_1) as = _mm256_broadcast_ss(sa + sl);
+      if constexpr (F == Q4_0) ao = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(oa + sl * 16));
+      for (int n = 0; n < RN; ++n) {
+        __m256i p16;
+        if constexpr (F == Q8_0) {
+          p16 = _mm256_maddubs_epi16(wabs[n], _mm256_sign_epi8(av, wq[n]));
+        } else if constexpr (F == Q4_0) {
+          p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wq[n], av), ao);
+        } else {
+          p16 = _mm256_maddubs_epi16(wq[n], av);
+        }
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[m][n] = _mm256_fmadd_ps(_mm256_mul_ps(wd[n], ad), dot, acc[m][n]);
+        if constexpr (F == Q4_1) acc[m][n] = _mm256_fmadd_ps(wm[n], as, acc[m][n]);
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) y[(m0 + m) * ldy + n0 + n] = hsum(acc[m][n]);
+}
+
+// ------------------------------------------------------------------------------------------ fp32 kernel
+// Exact activations: x stays fp32 and each weight block becomes 32 floats (q4_0: q - 8, so no offset term).
+// The block's dot sum(q*x) is scaled once by d; q4_1's min uses sum(x) per block (xs = sum / 8, lane-spread).
+template <int F>
+inline void block_floats(const uint8_t* p, __m256 out[4]) {
+  __m256i q = Block<F>::q(p);
+  if constexpr (F == Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  if constexpr (F == Q4_1) {
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
+template <int F>
+inline void block_scales(const uint8_t* p, __m256& d, __m256& m) {
+  if constexpr (F == Q4_1) {
+    Block<F>::dm(p, d, m);
+  } else {
+    d = _mm256_set1_ps(h2f(p));
+    m = _mm256_setzero_ps();
+  }
+}
+
+template <int F, int RM, int RN>
+inline void tile_f32(const uint8_t* w, int64_t row_bytes, const float* x, const float* xs, int64_t K, int64_t m0,
+                     int64_t n0, float* y, int64_t ldy) {
+  using B = Block<F>;
+  const int64_t KB = K / QK;
+  __m256 acc[RM][RN];
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < KB; ++b) {
+    __m256 wf[RN][4], wd[RN], wm[RN];
+    for (int n = 0; n < RN; ++n) {
+      const uint8_t* p = w + (n0 + n) * row_bytes + b * B::BYTES;
+      block_floats<F>(p, wf[n]);
+      block_scales<F>(p, wd[n], wm[n]);
+    }
+    for (int m = 0; m < RM; ++m) {
+      const float* xp = x + (m0 + m) * K + b * QK;
+      const __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8), x2 = _mm256_loadu_ps(xp + 16),
+                   x3 = _mm256_loadu_ps(xp + 24);
+      __m256 xsv;
+      if constexpr (F == Q4_1) xsv = _mm256_broadcast_ss(xs + (m0 + m) * KB + b);
+      for (int n = 0; n < RN; ++n) {
+        __m256 t = _mm256_mul_ps(wf[n][0], x0);
+        t = _mm256_fmadd_ps(wf[n][1], x1, t);
+        t = _mm256_fmadd_ps(wf[n][2], x2, t);
+        t = _mm256_fmadd_ps(wf[n][3], x3, t);
+        acc[m][n] = _mm256_fmadd_ps(wd[n], t, acc[m][n]);
+        if constexpr (F == Q4_1) acc[m][n] = _mm256_fmadd_ps(wm[n], xsv, acc[m][n]);
+      }
+    }
+  }
+  for (int m = 0; m < RM; ++m)
+    for (int n = 0; n < RN; ++n) y[(m0 + m) * ldy + n0 + n] = hsum(acc[m][n]);
+}
+
+// ------------------------------------------------------------------------------------------- tiling
+// Runtime (rm, rn) -> template instance, so edge tiles run the same code with fewer rows.
+template <int RM, int RN, typename Fn>
+inline void dispatch(int rm, int rn, Fn& fn) {
+  if constexpr (RM > 1) {
+    if (rm < RM) return dispatch<RM - 1, RN>(rm, rn, fn);
+  }
+  if constexpr (RN > 1) {
+    if (rn < RN) return dispatch<RM, RN - 1>(rm, rn, fn);
+  }
+  fn.template run<RM, RN>();
+}
+
+template <int F, bool EXACT>
+struct TileCall {
+  const uint8_t* w;
+  int64_t row_bytes;
+  const ActQ* a;
+  const float* x;
+  const float* xs;
+  int64_t K, m0, n0;
+  float* y;
+  int64_t ldy;
+  template <int RM, int RN>
+  void run() {
+    if constexpr (EXACT) {
+      tile_f32<F, RM, RN>(w, row_bytes, x, xs, K, m0, n0, y, ldy);
+    } else {
+      tile_q8<F, RM, RN>(w, row_bytes, *a, K, m0, n0, y, ldy);
+    }
+  }
+};
+
+// Tile shapes (activation rows x weight rows): RM*RN accumulators + RN unpacked weight blocks fit the 16 ymm
+// registers. RN1 is the number of weight rows per tile when M == 1 (decode).
+#ifndef QRM
+#define QRM 4
+#endif
+#ifndef QRN
+#define QRN 2
+#endif
+#ifndef QRN1
+#define QRN1 4
+#endif
+template <bool EXACT>
+struct Shape {
+  static constexpr int RM = EXACT ? 2 : QRM, RN = EXACT ? 1 : QRN, RN1 = EXACT ? 2 : QRN1;
+};
+
+// Work below which a second thread costs more to wake than it saves (in weight blocks x rows).
+constexpr int64_t kMinParallelBlocks = 8192;
+
+template <int F, bool EXACT>
+void gemm(const uint8_t* w, int64_t row_bytes, const ActQ* a, const float* x, const float* xs, int64_t M, int64_t N,
+          int64_t K, float* y) {
+  using S = Shape<EXACT>;
+  const int RN = M == 1 ? S::RN1 : S::RN;
+  const int64_t n_tiles = (N + RN - 1) / RN;
+  // Rows of x per pass: their quantized blocks stay in L2 while each weight tile streams through once.
+  const int64_t MC = std::max<int64_t>(S::RM, (EXACT ? 128 : 512) * 1024 / (K * (EXACT ? 4 : 1)) / S::RM * S::RM);
+  const int64_t grain = std::max<int64_t>(1, kMinParallelBlocks / std::max<int64_t>(1, M * (K / QK) * RN));
+  at::parallel_for(0, n_tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t mc = 0; mc < M; mc += MC) {
+      const int64_t me = std::min(M, mc + MC);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * RN;
+        const int rn = static_cast<int>(std::min<int64_t>(RN, N - n0));
+        for (int64_t m0 = mc; m0 < me; m0 += S::RM) {
+          const int rm = static_cast<int>(std::min<int64_t>(S::RM, me - m0));
+          TileCall<F, EXACT> c{w, row_bytes, a, x, xs, K, m0, n0, y, N};
+          if (M == 1) {
+            dispatch<1, S::RN1>(rm, rn, c);
+          } else {
+            dispatch<S::RM, S::RN>(rm, rn, c);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ dequantize
+template <int F>
+void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t K, float* out) {
+  const int64_t KB = K / QK;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    float* o = out + (r - r0) * K;
+    for (int64_t b = 0; b < KB; ++b) {
+      const uint8_t* p = row + b * Block<F>::BYTES;
+      __m256 f[4], d, m;
+      block_floats<F>(p, f);
+      block_scales<F>(p, d, m);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + b * QK + 8 * j, _mm256_fmadd_ps(f[j], d, m));
+    }
+  }
+}
+
+void dequant_any(int64_t fmt, const uint8_t* w, int64_t row_bytes, int64_t r0, int64_t r1, int64_t K, float* out) {
+  switch (fmt) {
+    case Q4_0: return dequant_rows<Q4_0>(w, row_bytes, r0, r1, K, out);
+    case Q4_1: return dequant_rows<Q4_1>(w, row_bytes, r0, r1, K, out);
+    default: return dequant_rows<Q8_0>(w, row_bytes, r0, r1, K, out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ ops
+int64_t check_w(const at::Tensor& w, int64_t fmt, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "llama_adapter_quant: packed weight must be a contiguous uint8 [N, row_bytes] tensor");
+  TORCH_CHECK(K % QK == 0, "llama_adapter_quant: in_features must be a multiple of 32, got ", K);
+  TORCH_CHECK(w.size(1) == K / QK * block_bytes(fmt), "llama_adapter_quant: packed rows of ", w.size(1),
+              " bytes do not hold ", K, " weights in format ", fmt);
+  return w.size(1);
+}
+
+// mode 0: int8 activations (fast); 1: fp32 activations, weights expanded on the fly;
+// 2: dequantize chunks of rows to fp32 and multiply with BLAS (large M).
+at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, int64_t fmt, int64_t mode) {
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "llama_adapter_quant::linear: x must be fp32 [M, K]");
+  const at::Tensor x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t row_bytes = check_w(w, fmt, K);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (mode == 2) {
+    // Chunks of ~512 KB of fp32 rows: big enough for an efficient GEMM, small enough to stay in cache.
+    const int64_t NC = std::min<int64_t>(N, std::max<int64_t>(64, (128 * 1024 / K + 15) / 16 * 16));
+    at::Tensor buf = at::empty({NC, K}, x.options());
+    at::Tensor yt = at::empty({N, M}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += NC) {
+      const int64_t nc = std::min(NC, N - n0);
+      float* bp = buf.data_ptr<float>();
+      at::parallel_for(0, nc, 16, [&](int64_t r0, int64_t r1) {
+        dequant_any(fmt, wp, row_bytes, n0 + r0, n0 + r1, K, bp + r0 * K);
+      });
+      at::Tensor out = yt.narrow(0, n0, nc);
+      at::mm_out(out, buf.narrow(0, 0, nc), x.t());
+    }
+    y.copy_(yt.t());
+    return y;
+  }
+  if (mode == 1) {
+    const int64_t KB = K / QK;
+    std::unique_ptr<float[]> xs(new float[M * KB]);
+    for (int64_t i = 0; i < M * KB; ++i) {
+      float s = 0.0f;
+      for (int j = 0; j < QK; ++j) s += xp[i * QK + j];
+      xs[i] = s * 0.125f;
+    }
+    switch (fmt) {
+      case Q4_0: gemm<Q4_0, true>(wp, row_bytes, nullptr, xp, xs.get(), M, N, K, yp); break;
+      case Q4_1: gemm<Q4_1, true>(wp, row_bytes, nullptr, xp, xs.get(), M, N, K, yp); break;
+      default: gemm<Q8_0, true>(wp, row_bytes, nullptr, xp, xs.get(), M, N, K, yp);
+    }
+    return y;
+  }
+  const ActQ a = quantize_act(xp, M, K, fmt, M == 1 ? 1 : Shape<false>::RM);
+  switch (fmt) {
+    case Q4_0: gemm<Q4_0, false>(wp, row_bytes, &a, nullptr, nullptr, M, N, K, yp); break;
+    case Q4_1: gemm<Q4_1, false>(wp, row_bytes, &a, nullptr, nullptr, M, N, K, yp); break;
+    default: gemm<Q8_0, false>(wp, row_bytes, &a, nullptr, nullptr, M, N, K, yp);
+  }
+  return y;
+}
+
+// grad_x = grad_y @ W: W's rows are dequantized a chunk at a time and accumulated with BLAS.
+at::Tensor linear_grad(const at::Tensor& gy_, const at::Tensor& w, int64_t fmt, int64_t K) {
+  TORCH_CHECK(gy_.dim() == 2 && gy_.scalar_type() == at::kFloat, "llama_adapter_quant::linear_grad: fp32 [M, N]");
+  const at::Tensor gy = gy_.contiguous();
+  const int64_t M = gy.size(0), N = w.size(0);
+  TORCH_CHECK(gy.size(1) == N, "llama_adapter_quant::linear_grad: grad has ", gy.size(1), " columns, weight ", N,
+              " rows");
+  const int64_t row_bytes = check_w(w, fmt, K);
+  at::Tensor gx = at::zeros({M, K}, gy.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t NC = std::min<int64_t>(N, std::max<int64_t>(64, (128 * 1024 / K + 15) / 16 * 16));
+  at::Tensor buf = at::empty({NC, K}, gy.options());
+  for (int64_t n0 = 0; n0 < N; n0 += NC) {
+    const int64_t nc = std::min(NC, N - n0);
+    float* bp = buf.data_ptr<float>();
+    at::parallel_for(0, nc, 16, [&](int64_t r0, int64_t r1) {
+      dequant_any(fmt, wp, row_bytes, n0 + r0, n0 + r1, K, bp + r0 * K);
+    });
+    gx.addmm_(gy.narrow(1, n0, nc), buf.narrow(0, 0, nc));
+  }
+  return gx;
+}
+
+at::Tensor dequantize(const at::Tensor& w, int64_t fmt, int64_t K) {
+  const int64_t row_bytes = check_w(w, fmt, K), N = w.size(0);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) { dequant_any(fmt, wp, row_bytes, r0, r1, K, op + r0 * K); });
+  return out;
+}
+
+// Rows `ids` of W, dequantized: the embedding lookup of a quantized (possibly tied) token table.
+at::Tensor embedding(const at::Tensor& w, int64_t fmt, int64_t K, const at::Tensor& ids_) {
+  const int64_t row_bytes = check_w(w, fmt, K), N = w.size(0);
+  const at::Tensor ids = ids_.to(at::kLong).contiguous();
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(K);
+  at::Tensor out = at::empty(shape, w.options().dtype(at::kFloat));
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t n = ids.numel();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "embedding: id ", ip[i], " out of range");
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dequant_any(fmt, wp, row_bytes, ip[i], ip[i] + 1, K, op + i * K);
+  });
+  return out;
+}
+
+}  // namespace
+
+// Experiments build variants under another namespace (-DQNS=...) to compare them in one process.
+#ifndef QNS
+#define QNS llama_adapter_quant
+#endif
+
+TORCH_LIBRARY(QNS, m) {
+  m.def("linear(Tensor x, Tensor w, int fmt, int mode) -> Tensor");
+  m.def("linear_grad(Tensor grad_y, Tensor w, int fmt, int k) -> Tensor");
+  m.def("dequantize(Tensor w, int fmt, int k) -> Tensor");
+  m.def("embedding(Tensor w, int fmt, int k, Tensor ids) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(QNS, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear_grad", &linear_grad);
+  m.impl("dequantize", &dequantize);
+  m.impl("embedding", &embedding);
+}

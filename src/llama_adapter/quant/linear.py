@@ -1,0 +1,243 @@
+"""QuantLinear / QuantEmbedding: frozen linear layers whose weights stay packed (q4_0, q4_1, q8_0).
+
+Which computation runs (`mode`, chosen per call from the number of rows M = x.numel() / in_features):
+  0 "q8"   M < MM_MIN_ROWS: the C++ kernel on 8-bit activations (llama.cpp's scheme; ~1e-3 relative error)
+  1 "fp32" M < MM_MIN_ROWS and activations="fp32": the C++ kernel on fp32 activations (exact up to fp32 sums)
+  2 "mm"   M >= MM_MIN_ROWS: dequantize ~512 KB of rows at a time and multiply with MKL (prefill, training)
+Without the extension every mode is the torch reference: F.linear(x, dequantize(W)).
+
+The input gradient (training an adapter through a frozen base) is grad_y @ W with W dequantized a chunk at a
+time: no second copy of the weights is kept (see benchmarks/kernels.py for the alternatives measured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ext
+from .formats import FORMAT_ID, check_format, dequantize, in_features_of, quantize
+from .gguf_types import gguf_to_packed
+
+Activations = Literal["q8", "fp32"]
+
+# From benchmarks/kernels.py on a 2-core AVX2 EPYC: the int8 kernel wins up to here, MKL on dequantized tiles
+# beyond (its GEMM outruns our per-block integer dot once each weight tile is reused by enough rows).
+MM_MIN_ROWS = {"q4_0": 128, "q4_1": 128, "q8_0": 128}
+
+
+def _mode(fmt: str, m: int, activations: Activations) -> int:
+    if m >= MM_MIN_ROWS[fmt]:
+        return 2
+    return 1 if activations == "fp32" else 0
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x @ W^T with the input gradient grad_y @ W; W is frozen (no gradient)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, fmt_id: int, mode: int, k: int) -> torch.Tensor:
+        return ext.ops().linear(x, w, fmt_id, mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
+        _, w, fmt_id, _, k = inputs
+        ctx.save_for_backward(w)
+        ctx.fmt_id, ctx.k = fmt_id, k
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # noqa: ANN001, ANN205
+        (w,) = ctx.saved_tensors
+        return ext.ops().linear_grad(gy.contiguous(), w, ctx.fmt_id, ctx.k), None, None, None, None
+
+
+def quant_linear(
+    x: torch.Tensor, packed: torch.Tensor, fmt: str, activations: Activations = "q8", mode: int | None = None
+) -> torch.Tensor:
+    """x [..., K] (any float dtype) @ W^T for a packed W [N, row_bytes] -> [..., N] in x's dtype.
+
+    `mode` forces a computation (0 q8, 1 fp32, 2 dequantize + MKL) instead of the per-M choice; benchmarks
+    and tests use it."""
+    k = in_features_of(fmt, packed)
+    if x.shape[-1] != k:
+        raise ValueError(f"quant_linear: input has {x.shape[-1]} features, the weight expects {k}")
+    lead, dtype = x.shape[:-1], x.dtype
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    ops = ext.ops() if x.device.type == "cpu" else None
+    if ops is None:
+        y = F.linear(x2, dequantize(packed, fmt))
+    else:
+        m = mode if mode is not None else _mode(fmt, x2.shape[0], activations)
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _LinearFn.apply(x2, packed, FORMAT_ID[fmt], m, k)
+        else:
+            y = ops.linear(x2, packed, FORMAT_ID[fmt], m)
+    y = y.reshape(*lead, packed.shape[0])
+    return y if dtype == torch.float32 else y.to(dtype)
+
+
+def dequantize_weight(packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Packed [N, row_bytes] -> fp32 [N, K], with the C++ kernel when loaded."""
+    ops = ext.ops()
+    if ops is None or packed.device.type != "cpu":
+        return dequantize(packed, fmt)
+    return ops.dequantize(packed.contiguous(), FORMAT_ID[fmt], in_features_of(fmt, packed))
+
+
+def quant_embedding(ids: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Rows `ids` of a packed [N, row_bytes] table, dequantized to fp32: [*ids.shape, K]."""
+    ops = ext.ops()
+    k = in_features_of(fmt, packed)
+    if ops is None or packed.device.type != "cpu":
+        flat = ids.reshape(-1)
+        return dequantize(packed[flat], fmt).reshape(*ids.shape, k)
+    return ops.embedding(packed, FORMAT_ID[fmt], k, ids)
+
+
+def _packed_from_raw(raw: np.ndarray | torch.Tensor, fmt: str, shape: Sequence[int]) -> torch.Tensor:
+    n, k = shape
+    if isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
+    packed = raw.reshape(-1).view(torch.uint8)
+    rb = k // 32 * {"q4_0": 18, "q4_1": 20, "q8_0": 34}[check_format(fmt)]
+    if k % 32 or packed.numel() != n * rb:
+        raise ValueError(f"{fmt} weight of shape [{n}, {k}] needs {n * rb} bytes (K a multiple of 32), got {packed.numel()}")
+    return packed.view(n, rb)
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear layer with a packed weight: y = x @ W^T (+ bias), fp32 or any float dtype in and out.
+
+    `weight` is a uint8 buffer [out_features, in_features/32 * block_bytes] in GGUF's block layout (not a
+    Parameter: nothing trains it, optimizers never see it). `activations="fp32"` keeps x exact in the
+    small-M kernel (slower; see the module docstring)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self, packed: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, activations: Activations = "q8"
+    ) -> None:
+        super().__init__()
+        check_format(fmt)
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"QuantLinear: packed weight must be uint8, got {packed.dtype}")
+        if activations not in ("q8", "fp32"):
+            raise ValueError(f"QuantLinear: activations must be 'q8' or 'fp32', got {activations!r}")
+        self.fmt = fmt
+        self.in_features = in_features_of(fmt, packed)
+        self.out_features = packed.shape[0]
+        self.activations: Activations = activations
+        self.register_buffer("weight", packed.contiguous())
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"QuantLinear: bias of shape {list(bias.shape)} for {self.out_features} outputs")
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    # ------------------------------------------------------------------------------ constructors
+    @classmethod
+    def from_float(
+        cls, w: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, activations: Activations = "q8"
+    ) -> QuantLinear:
+        """Quantize an fp32/bf16/fp16 weight [out, in] (round-to-nearest, as llama.cpp's reference)."""
+        return cls(quantize(w, fmt), fmt, bias, activations)
+
+    @classmethod
+    def from_packed(
+        cls, raw: np.ndarray | torch.Tensor, fmt: str, shape: Sequence[int], activations: Activations = "q8"
+    ) -> QuantLinear:
+        """From bytes already in `fmt`'s block layout (e.g. a GGUF Q4_1 tensor), logical shape [out, in]."""
+        return cls(_packed_from_raw(raw, fmt, shape), fmt, activations=activations)
+
+    @classmethod
+    def from_gguf(
+        cls, qtype: int | str, raw: np.ndarray | torch.Tensor, shape: Sequence[int], activations: Activations = "q8"
+    ) -> QuantLinear:
+        """From a GGUF tensor of any supported quantized type (K-quants are re-packed; see gguf_types)."""
+        packed, fmt = gguf_to_packed(qtype, raw, tuple(shape))
+        return cls(packed, fmt, activations=activations)
+
+    @staticmethod
+    def cat(layers: Sequence[QuantLinear]) -> QuantLinear:
+        """Concatenate along out_features (fused q/k/v or gate/up): one call, one activation quantization."""
+        if not layers:
+            raise ValueError("QuantLinear.cat: no layers")
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.fmt, layer.in_features) != (first.fmt, first.in_features):
+                raise ValueError(
+                    f"QuantLinear.cat: {layer.fmt} [{layer.out_features}, {layer.in_features}] does not match "
+                    f"{first.fmt} [{first.out_features}, {first.in_features}]; fused layers need one format and K"
+                )
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat([layer.bias if layer.bias is not None else torch.zeros(layer.out_features) for layer in layers])
+        return QuantLinear(torch.cat([layer.weight for layer in layers]), first.fmt, bias, first.activations)
+
+    # ------------------------------------------------------------------------------ compute
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_linear(x, self.weight, self.fmt, self.activations)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as fp32 [out_features, in_features]."""
+        return dequantize_weight(self.weight, self.fmt)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight as fp32 (a tied token embedding): [*ids.shape, in_features]."""
+        return quant_embedding(ids, self.weight, self.fmt)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+            f"activations={self.activations}, bias={self.bias is not None}"
+        )
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen token embedding over a packed table; `tied_to(output)` shares a QuantLinear's weight buffer."""
+
+    weight: torch.Tensor
+
+    def __init__(self, packed: torch.Tensor, fmt: str) -> None:
+        super().__init__()
+        self.fmt = check_format(fmt)
+        self.num_embeddings = packed.shape[0]
+        self.embedding_dim = in_features_of(fmt, packed)
+        self.register_buffer("weight", packed)
+
+    @classmethod
+    def tied_to(cls, linear: QuantLinear) -> QuantEmbedding:
+        return cls(linear.weight, linear.fmt)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return quant_embedding(ids, self.weight, self.fmt)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
+
+
+def quantize_linear(linear: nn.Linear, fmt: str, activations: Activations = "q8") -> QuantLinear:
+    """nn.Linear -> QuantLinear with the same in/out features (and bias, kept in fp32)."""
+    return QuantLinear.from_float(linear.weight, fmt, linear.bias, activations)
+
+
+def quantize_linears(
+    model: nn.Module, fmt: str, include: Callable[[str, nn.Linear], bool] = lambda name, mod: True
+) -> list[str]:
+    """Replace every nn.Linear of `model` for which include(qualified_name, module) holds; returns the names.
+
+    Layers whose in_features is not a multiple of 32 are skipped (the block formats need whole blocks)."""
+    done = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0 and include(name, mod):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, quantize_linear(mod, fmt))
+            done.append(name)
+    return done
