@@ -264,7 +264,9 @@ def _q5_0_to_q8_0(b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gguf_to_packed(qtype: int | str, raw: np.ndarray | torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+def gguf_to_packed(
+    qtype: int | str, raw: np.ndarray | torch.Tensor, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, str]:
     """A quantized GGUF tensor -> (packed uint8 [N, row_bytes], format) for QuantLinear.
 
     Q4_0/Q4_1/Q8_0 share memory with `raw` (a GGUF mmap stays a mmap); other types are converted as the

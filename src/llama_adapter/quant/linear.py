@@ -108,7 +108,8 @@ def _packed_from_raw(raw: np.ndarray | torch.Tensor, fmt: str, shape: Sequence[i
     packed = raw.reshape(-1).view(torch.uint8)
     rb = k // 32 * {"q4_0": 18, "q4_1": 20, "q8_0": 34}[check_format(fmt)]
     if k % 32 or packed.numel() != n * rb:
-        raise ValueError(f"{fmt} weight of shape [{n}, {k}] needs {n * rb} bytes (K a multiple of 32), got {packed.numel()}")
+        need = f"{n * rb} bytes (K a multiple of 32)"
+        raise ValueError(f"{fmt} weight of shape [{n}, {k}] needs {need}, got {packed.numel()}")
     return packed.view(n, rb)
 
 
@@ -177,7 +178,8 @@ class QuantLinear(nn.Module):
                 )
         bias = None
         if any(layer.bias is not None for layer in layers):
-            bias = torch.cat([layer.bias if layer.bias is not None else torch.zeros(layer.out_features) for layer in layers])
+            zeros = torch.zeros
+            bias = torch.cat([zeros(x.out_features) if x.bias is None else x.bias for x in layers])
         return QuantLinear(torch.cat([layer.weight for layer in layers]), first.fmt, bias, first.activations)
 
     # ------------------------------------------------------------------------------ compute
