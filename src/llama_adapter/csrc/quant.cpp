@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -97,6 +98,7 @@ struct ActQ {
   std::unique_ptr<int8_t[]> q;
   std::unique_ptr<float[]> d, s;
   std::unique_ptr<int16_t[]> o;
+  std::unique_ptr<int32_t[]> i8;  // q4_0, packed kernel: 8 * sum(q) per block
 };
 
 ActQ quantize_act(const float* x, int64_t M, int64_t K, int64_t fmt, int64_t G) {
@@ -107,10 +109,12 @@ ActQ quantize_act(const float* x, int64_t M, int64_t K, int64_t fmt, int64_t G) 
   a.d.reset(new float[slots]);
   if (fmt == Q4_1) a.s.reset(new float[slots]);
   if (fmt == Q4_0) a.o.reset(new int16_t[slots * 16]);
+  if (fmt == Q4_0) a.i8.reset(new int32_t[slots]);
   int8_t* q = a.q.get();
   float* d = a.d.get();
   float* s = a.s.get();
   int16_t* o = a.o.get();
+  int32_t* i8 = a.i8.get();
   at::parallel_for(0, nb, 1024, [&](int64_t b0, int64_t b1) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t i = b0; i < b1; ++i) {
@@ -131,12 +135,14 @@ ActQ quantize_act(const float* x, int64_t M, int64_t K, int64_t fmt, int64_t G) 
       __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), R));
       __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), R));
       __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), R));
-      if (s) {
+      if (s || i8) {
         const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-        s[slot] = dd * static_cast<float>(_mm_cvtsi128_si32(s4)) * 0.125f;
+        const int isum = _mm_cvtsi128_si32(s4);
+        if (s) s[slot] = dd * static_cast<float>(isum) * 0.125f;
+        if (i8) i8[slot] = 8 * isum;
       }
       i0 = _mm256_packs_epi32(i0, i1);
       i2 = _mm256_packs_epi32(i2, i3);
@@ -276,6 +282,158 @@ inline void tile_f32(const uint8_t* w, int64_t row_bytes, const float* x, const 
     for (int n = 0; n < RN; ++n) y[(m0 + m) * ldy + n0 + n] = hsum(acc[m][n]);
 }
 
+// ----------------------------------------------------------------------------------------- packed kernel
+// For several rows of x (M >= 2), each weight tile of 8 rows is first re-laid out so that one register holds
+// elements 4j..4j+3 of all 8 rows (row r in 32-bit lane r). Then a 4-byte broadcast of x meets 8 rows at once:
+// per block the 8 lanes accumulate 8 rows' integer dots (q4: in int16, 8 x 3810 < 32767), and the scale,
+// conversion and FMA happen once per 8 rows instead of once per row. The re-layout costs about as much as
+// one row of x and is reused by every row of x (the llama.cpp "q4_0_8x8" idea, done per call on GGUF blocks).
+constexpr int NR = 8;
+
+template <int F>
+struct Packed {
+  static constexpr int64_t QBYTES = F == Q8_0 ? 512 : 256;  // q8_0 keeps |q| next to q for maddubs
+  static constexpr int64_t BYTES = QBYTES + 64;             // + 8 scales d, + 8 mins (q4_1, times 8)
+};
+
+inline void transpose8x8_epi32(__m256i r[8]) {
+  const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+  const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+  r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+  r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+  r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+  r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+  r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+  r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+  r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+  r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+// Rows n0 .. n0+rows-1 (rows <= 8; missing rows are zero) -> buf [KB][Packed<F>::BYTES].
+template <int F>
+void pack_tile(const uint8_t* w, int64_t row_bytes, int64_t n0, int rows, int64_t KB, uint8_t* buf) {
+  using P = Packed<F>;
+  for (int64_t b = 0; b < KB; ++b) {
+    __m256i r[NR];
+    alignas(32) float d[NR], m[NR];
+    for (int i = 0; i < NR; ++i) {
+      if (i < rows) {
+        const uint8_t* p = w + (n0 + i) * row_bytes + b * Block<F>::BYTES;
+        r[i] = Block<F>::q(p);
+        d[i] = h2f(p);
+        m[i] = F == Q4_1 ? 8.0f * h2f(p + 2) : 0.0f;
+      } else {
+        r[i] = _mm256_setzero_si256();
+        d[i] = m[i] = 0.0f;
+      }
+    }
+    transpose8x8_epi32(r);
+    uint8_t* o = buf + b * P::BYTES;
+    for (int j = 0; j < NR; ++j) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(o + 32 * j), r[j]);
+      if constexpr (F == Q8_0)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o + 256 + 32 * j), _mm256_sign_epi8(r[j], r[j]));
+    }
+    _mm256_store_ps(reinterpret_cast<float*>(o + P::QBYTES), _mm256_load_ps(d));
+    _mm256_store_ps(reinterpret_cast<float*>(o + P::QBYTES + 32), _mm256_load_ps(m));
+  }
+}
+
+// MR rows of x (m0 .. m0+MR-1, one activation group) x one packed tile -> y[m][n0 .. n0+rows-1].
+template <int F, int MR>
+void packed_kernel(const uint8_t* buf, int64_t KB, const ActQ& a, int64_t m0, float* y, int64_t ldy, int64_t n0,
+                   int rows) {
+  using P = Packed<F>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t G = a.G, base = m0 / G * KB * G + m0 % G;
+  const int8_t* qa = a.q.get();
+  const float* da = a.d.get();
+  __m256 acc[MR];
+  for (int mr = 0; mr < MR; ++mr) acc[mr] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* t = buf + b * P::BYTES;
+    const int64_t slot = base + b * G;
+    __m256i s[MR];
+    for (int mr = 0; mr < MR; ++mr) s[mr] = _mm256_setzero_si256();
+    for (int j = 0; j < NR; ++j) {
+      const __m256i wq = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + 32 * j));
+      __m256i wabs;
+      if constexpr (F == Q8_0) wabs = _mm256_load_si256(reinterpret_cast<const __m256i*>(t + 256 + 32 * j));
+      for (int mr = 0; mr < MR; ++mr) {
+        int32_t v;
+        std::memcpy(&v, qa + (slot + mr) * QK + 4 * j, 4);
+        const __m256i av = _mm256_set1_epi32(v);
+        if constexpr (F == Q8_0) {
+          s[mr] = _mm256_add_epi32(s[mr], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av, wq)), ones));
+        } else {
+          s[mr] = _mm256_add_epi16(s[mr], _mm256_maddubs_epi16(wq, av));
+        }
+      }
+    }
+    const __m256 dw = _mm256_load_ps(reinterpret_cast<const float*>(t + P::QBYTES));
+    __m256 mw;
+    if constexpr (F == Q4_1) mw = _mm256_load_ps(reinterpret_cast<const float*>(t + P::QBYTES + 32));
+    for (int mr = 0; mr < MR; ++mr) {
+      __m256i s32 = F == Q8_0 ? s[mr] : _mm256_madd_epi16(s[mr], ones);
+      if constexpr (F == Q4_0) s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(a.i8[slot + mr]));
+      acc[mr] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_broadcast_ss(da + slot + mr)), _mm256_cvtepi32_ps(s32), acc[mr]);
+      if constexpr (F == Q4_1) acc[mr] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(a.s.get() + slot + mr), acc[mr]);
+    }
+  }
+  for (int mr = 0; mr < MR; ++mr) {
+    float* yr = y + (m0 + mr) * ldy + n0;
+    if (rows == NR) {
+      _mm256_storeu_ps(yr, acc[mr]);
+    } else {
+      alignas(32) float tmp[NR];
+      _mm256_store_ps(tmp, acc[mr]);
+      for (int r = 0; r < rows; ++r) yr[r] = tmp[r];
+    }
+  }
+}
+
+#ifndef QPMR
+#define QPMR 4
+#endif
+constexpr int PMR = QPMR;  // rows of x per packed micro-kernel call (= the activation group size)
+
+template <int F, int MR>
+inline void packed_dispatch(int mr, const uint8_t* buf, int64_t KB, const ActQ& a, int64_t m0, float* y,
+                            int64_t ldy, int64_t n0, int rows) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return packed_dispatch<F, MR - 1>(mr, buf, KB, a, m0, y, ldy, n0, rows);
+  }
+  packed_kernel<F, MR>(buf, KB, a, m0, y, ldy, n0, rows);
+}
+
+template <int F>
+void gemm_packed(const uint8_t* w, int64_t row_bytes, const ActQ& a, int64_t M, int64_t N, int64_t K, float* y) {
+  const int64_t KB = K / QK, n_tiles = (N + NR - 1) / NR;
+  // Rows of x per pass (their int8 blocks stay in L2 while a packed tile is reused across them).
+  const int64_t MC = std::max<int64_t>(PMR, 256 * 1024 / K / PMR * PMR);
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    std::unique_ptr<uint8_t[], void (*)(void*)> buf(
+        static_cast<uint8_t*>(std::aligned_alloc(64, (KB * Packed<F>::BYTES + 63) / 64 * 64)), std::free);
+    for (int64_t mc = 0; mc < M; mc += MC) {
+      const int64_t me = std::min(M, mc + MC);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * NR;
+        const int rows = static_cast<int>(std::min<int64_t>(NR, N - n0));
+        pack_tile<F>(w, row_bytes, n0, rows, KB, buf.get());
+        for (int64_t m0 = mc; m0 < me; m0 += PMR)
+          packed_dispatch<F, PMR>(static_cast<int>(std::min<int64_t>(PMR, me - m0)), buf.get(), KB, a, m0, y, N, n0,
+                                  rows);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------------- tiling
 // Runtime (rm, rn) -> template instance, so edge tiles run the same code with fewer rows.
 template <int RM, int RN, typename Fn>
@@ -392,9 +550,12 @@ int64_t check_w(const at::Tensor& w, int64_t fmt, int64_t K) {
   return w.size(1);
 }
 
-// mode 0: int8 activations (fast); 1: fp32 activations, weights expanded on the fly;
-// 2: dequantize chunks of rows to fp32 and multiply with BLAS (large M).
+// kernel 0 "rows": int8 activations, RM x RN tiles straight from GGUF blocks (decode, M < 4);
+//        1 "fp32": fp32 activations, weight blocks expanded in registers (exact, small M);
+//        2 "mm":   dequantize ~512 KB of rows at a time, multiply with BLAS (exact, large M);
+//        3 "packed": int8 activations, 8-row tiles re-laid out per call (M >= 4).
 at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, int64_t fmt, int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 3, "llama_adapter_quant::linear: unknown kernel id ", mode);
   TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "llama_adapter_quant::linear: x must be fp32 [M, K]");
   const at::Tensor x = x_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -433,6 +594,15 @@ at::Tensor linear(const at::Tensor& x_, const at::Tensor& w, int64_t fmt, int64_
       case Q4_0: gemm<Q4_0, true>(wp, row_bytes, nullptr, xp, xs.get(), M, N, K, yp); break;
       case Q4_1: gemm<Q4_1, true>(wp, row_bytes, nullptr, xp, xs.get(), M, N, K, yp); break;
       default: gemm<Q8_0, true>(wp, row_bytes, nullptr, xp, xs.get(), M, N, K, yp);
+    }
+    return y;
+  }
+  if (mode == 3) {
+    const ActQ a = quantize_act(xp, M, K, fmt, PMR);
+    switch (fmt) {
+      case Q4_0: gemm_packed<Q4_0>(wp, row_bytes, a, M, N, K, yp); break;
+      case Q4_1: gemm_packed<Q4_1>(wp, row_bytes, a, M, N, K, yp); break;
+      default: gemm_packed<Q8_0>(wp, row_bytes, a, M, N, K, yp);
     }
     return y;
   }

@@ -22,7 +22,9 @@ from .gguf_types import (
     is_quantized_type,
 )
 from .linear import (
+    KERNELS,
     MM_MIN_ROWS,
+    PACKED_MIN_ROWS,
     QuantEmbedding,
     QuantLinear,
     dequantize_weight,
@@ -38,8 +40,10 @@ __all__ = [
     "BLOCK_BYTES",
     "FLOAT_TYPES",
     "FORMATS",
+    "KERNELS",
     "KERNEL_TYPES",
     "MM_MIN_ROWS",
+    "PACKED_MIN_ROWS",
     "REPACKED_TYPES",
     "SUPPORTED_TYPES",
     "QuantEmbedding",

@@ -1,13 +1,17 @@
 """QuantLinear / QuantEmbedding: frozen linear layers whose weights stay packed (q4_0, q4_1, q8_0).
 
-Which computation runs (`mode`, chosen per call from the number of rows M = x.numel() / in_features):
-  0 "q8"   M < MM_MIN_ROWS: the C++ kernel on 8-bit activations (llama.cpp's scheme; ~1e-3 relative error)
-  1 "fp32" M < MM_MIN_ROWS and activations="fp32": the C++ kernel on fp32 activations (exact up to fp32 sums)
-  2 "mm"   M >= MM_MIN_ROWS: dequantize ~512 KB of rows at a time and multiply with MKL (prefill, training)
-Without the extension every mode is the torch reference: F.linear(x, dequantize(W)).
+`activations` picks the numerics, the number of rows M = x.numel() / in_features picks the kernel (C++):
+  activations="q8" (default; x quantized to 8 bits per 32-block, as llama.cpp does: ~0.3% relative error)
+    "rows"    M < PACKED_MIN_ROWS: RM x RN tiles of GGUF blocks (decode: 4 weight rows per pass at M = 1)
+    "packed"  M >= PACKED_MIN_ROWS: each 8-row weight tile is re-laid out once per call so that 8 rows share
+              every instruction; ~2x fp32 MKL's GOP/s from M = 8 up (batched decode, prefill, training)
+  activations="fp32" (x exact; results equal F.linear(x, dequantize(W)) up to fp32 summation order)
+    "fp32"    M < MM_MIN_ROWS: weight blocks expanded to floats in registers
+    "mm"      M >= MM_MIN_ROWS: ~512 KB of rows dequantized at a time and multiplied with MKL
+Without the extension every kernel is the torch reference: F.linear(x, dequantize(W)).
 
-The input gradient (training an adapter through a frozen base) is grad_y @ W with W dequantized a chunk at a
-time: no second copy of the weights is kept (see benchmarks/kernels.py for the alternatives measured).
+The input gradient (training through a frozen base) is grad_y @ W with W dequantized ~512 KB at a time and
+multiplied with MKL: no second copy of the weights (benchmarks/kernels.py --grad measures the alternatives).
 """
 
 from __future__ import annotations
@@ -26,23 +30,25 @@ from .gguf_types import gguf_to_packed
 
 Activations = Literal["q8", "fp32"]
 
-# From benchmarks/kernels.py on a 2-core AVX2 EPYC: the int8 kernel wins up to here, MKL on dequantized tiles
-# beyond (its GEMM outruns our per-block integer dot once each weight tile is reused by enough rows).
-MM_MIN_ROWS = {"q4_0": 128, "q4_1": 128, "q8_0": 128}
+KERNELS = ("rows", "fp32", "mm", "packed")  # the C++ op's kernel ids 0..3
+# Crossovers measured with benchmarks/kernels.py (2-core AVX2 EPYC): the packed kernel pays a re-layout of
+# each weight tile per call, which 4 rows of x repay (q8_0, with costlier sign handling, needs 8).
+PACKED_MIN_ROWS = {"q4_0": 4, "q4_1": 4, "q8_0": 8}
+MM_MIN_ROWS = 16  # fp32 activations: from here MKL on dequantized chunks beats expanding blocks per row
 
 
-def _mode(fmt: str, m: int, activations: Activations) -> int:
-    if m >= MM_MIN_ROWS[fmt]:
-        return 2
-    return 1 if activations == "fp32" else 0
+def _kernel(fmt: str, m: int, activations: Activations) -> int:
+    if activations == "fp32":
+        return 2 if m >= MM_MIN_ROWS else 1
+    return 3 if m >= PACKED_MIN_ROWS[fmt] else 0
 
 
 class _LinearFn(torch.autograd.Function):
     """y = x @ W^T with the input gradient grad_y @ W; W is frozen (no gradient)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor, fmt_id: int, mode: int, k: int) -> torch.Tensor:
-        return ext.ops().linear(x, w, fmt_id, mode)
+    def forward(x: torch.Tensor, w: torch.Tensor, fmt_id: int, kernel: int, k: int) -> torch.Tensor:
+        return ext.ops().linear(x, w, fmt_id, kernel)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
@@ -57,12 +63,11 @@ class _LinearFn(torch.autograd.Function):
 
 
 def quant_linear(
-    x: torch.Tensor, packed: torch.Tensor, fmt: str, activations: Activations = "q8", mode: int | None = None
+    x: torch.Tensor, packed: torch.Tensor, fmt: str, activations: Activations = "q8", kernel: str | None = None
 ) -> torch.Tensor:
     """x [..., K] (any float dtype) @ W^T for a packed W [N, row_bytes] -> [..., N] in x's dtype.
 
-    `mode` forces a computation (0 q8, 1 fp32, 2 dequantize + MKL) instead of the per-M choice; benchmarks
-    and tests use it."""
+    `kernel` (one of KERNELS) forces a kernel instead of the per-M choice; benchmarks and tests use it."""
     k = in_features_of(fmt, packed)
     if x.shape[-1] != k:
         raise ValueError(f"quant_linear: input has {x.shape[-1]} features, the weight expects {k}")
@@ -74,11 +79,11 @@ def quant_linear(
     if ops is None:
         y = F.linear(x2, dequantize(packed, fmt))
     else:
-        m = mode if mode is not None else _mode(fmt, x2.shape[0], activations)
+        kid = KERNELS.index(kernel) if kernel is not None else _kernel(fmt, x2.shape[0], activations)
         if torch.is_grad_enabled() and x2.requires_grad:
-            y = _LinearFn.apply(x2, packed, FORMAT_ID[fmt], m, k)
+            y = _LinearFn.apply(x2, packed, FORMAT_ID[fmt], kid, k)
         else:
-            y = ops.linear(x2, packed, FORMAT_ID[fmt], m)
+            y = ops.linear(x2, packed, FORMAT_ID[fmt], kid)
     y = y.reshape(*lead, packed.shape[0])
     return y if dtype == torch.float32 else y.to(dtype)
 
