@@ -222,7 +222,7 @@ def test_kernels_match_float64_reference(fmt: str, m: int) -> None:
 
 @kernels
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_int8_kernel_is_batch_invariant_and_thread_count_independent(fmt: str) -> None:
+def test_kernels_are_batch_invariant_and_thread_count_independent(fmt: str) -> None:
     torch.manual_seed(2)
     packed = quantize(torch.randn(300, 256), fmt)
     x = torch.randn(9, 256)
@@ -237,9 +237,12 @@ def test_int8_kernel_is_batch_invariant_and_thread_count_independent(fmt: str) -
     for kernel in ("rows", "fp32", "packed"):  # each output is summed by one thread in a fixed order
         assert torch.equal(one[kernel], two[kernel]), kernel
     torch.testing.assert_close(one["mm"], two["mm"])  # MKL may split K differently
-    for kernel in ("rows", "packed"):  # a row's result does not depend on the rest of the batch
-        rows = torch.cat([quant_linear(x[i : i + 1], packed, fmt, kernel=kernel) for i in range(9)])
-        assert torch.equal(rows, one[kernel]), kernel
+    # a row's result does not depend on the rest of the batch (the packed kernel, forced at M = 1, sums in the
+    # same order; the decode path at M = 1 splits K over two accumulators: equal up to fp32 rounding)
+    rows = torch.cat([quant_linear(x[i : i + 1], packed, fmt, kernel="packed") for i in range(9)])
+    assert torch.equal(rows, one["packed"])
+    rows = torch.cat([quant_linear(x[i : i + 1], packed, fmt) for i in range(9)])
+    torch.testing.assert_close(rows, one["packed"], rtol=1e-5, atol=1e-5)
 
 
 @kernels
