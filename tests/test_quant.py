@@ -306,17 +306,34 @@ def test_reference_path_gives_the_exact_activation_result(fmt: str) -> None:
     torch.testing.assert_close(x.grad, dequantize(layer.weight, fmt).sum(0).expand(5, -1))
 
 
+FALLBACK_CODE = (
+    "import torch; from llama_adapter.quant import QuantLinear, kernels_available\n"
+    "q = QuantLinear.from_float(torch.randn(8, 32), 'q4_0')\n"
+    "q(torch.randn(2, 32)); q(torch.randn(1, 32)); print(kernels_available())"
+)
+
+
+def fallback_notices(**env: str) -> list[str]:
+    """Run FALLBACK_CODE in a fresh process with `env`; it must work; returns its llama_adapter.quant lines."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), **env}
+    r = subprocess.run([sys.executable, "-c", FALLBACK_CODE], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    return [line for line in r.stderr.splitlines() if "llama_adapter.quant" in line]
+
+
 def test_no_ext_env_falls_back_with_one_notice() -> None:
-    code = (
-        "import torch; from llama_adapter.quant import QuantLinear, kernels_available\n"
-        "q = QuantLinear.from_float(torch.randn(8, 32), 'q4_0')\n"
-        "q(torch.randn(2, 32)); q(torch.randn(1, 32)); print(kernels_available())"
-    )
-    env = {**os.environ, "LLAMA_ADAPTER_NO_EXT": "1", "PYTHONPATH": str(SRC)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "False"
-    notices = [line for line in r.stderr.splitlines() if "llama_adapter.quant" in line]
+    notices = fallback_notices(LLAMA_ADAPTER_NO_EXT="1")
     assert len(notices) == 1 and "LLAMA_ADAPTER_NO_EXT" in notices[0] and "reference path" in notices[0]
+
+
+def test_missing_or_broken_compiler_falls_back(tmp_path: Path) -> None:
+    notices = fallback_notices(CXX="no-such-compiler-here", LLAMA_ADAPTER_CACHE=str(tmp_path))
+    assert len(notices) == 1 and "no C++ compiler" in notices[0]
+    notices = fallback_notices(CXX="false", LLAMA_ADAPTER_CACHE=str(tmp_path))  # `false` fails every command
+    assert "compiling the CPU kernels once" in notices[0]  # the first-build notice, then one fallback notice
+    assert len(notices) == 2 and "building the kernels failed" in notices[1] and "reference path" in notices[1]
+    notices = fallback_notices(CXX="false", LLAMA_ADAPTER_CACHE=str(tmp_path))  # remembered: no second attempt
+    assert len(notices) == 1 and "an earlier build failed" in notices[0]
 
 
 # ------------------------------------------------------------------------------------------ torch.compile
@@ -331,3 +348,20 @@ def test_ops_compile_without_graph_breaks() -> None:
     ids = torch.tensor([[1, 2, 3]])
     compiled = torch.compile(f, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
     assert torch.equal(compiled(ids), f(ids))
+
+
+@kernels
+@pytest.mark.slow
+def test_inductor_compiles_forward_and_input_gradient() -> None:
+    """Inductor (~40 s on a busy 2-core machine): the custom ops inside an autograd.Function, both ways."""
+    layer = QuantLinear.from_float(torch.randn(64, 64), "q4_1")
+    emb = QuantEmbedding.tied_to(layer)
+
+    def f(ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return layer(torch.relu(emb(ids)) + x).sum()
+
+    ids, x = torch.tensor([[1, 2, 3]]), torch.randn(1, 3, 64, requires_grad=True)
+    torch.compile(f, fullgraph=True)(ids, x).backward()
+    compiled_grad, x.grad = x.grad, None
+    f(ids, x).backward()
+    torch.testing.assert_close(compiled_grad, x.grad, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ NO_EXT_ENV = "LLAMA_ADAPTER_NO_EXT"
 CACHE_ENV = "LLAMA_ADAPTER_CACHE"
 
 _state: dict[str, Any] = {}  # "ops": the loaded namespace or None; "reason": why not; "build_s": seconds
+_init_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -94,22 +96,28 @@ def _build_and_load() -> None:
     name = f"{NAMESPACE}_{_build_hash()}"
     build = cache_dir() / f"ext-{_build_hash()}"
     build.mkdir(parents=True, exist_ok=True)
-    so = build / f"{name}.so"
+    so, failed = build / f"{name}.so", build / "FAILED.txt"
     with _FileLock(build.with_suffix(".lock")):
+        if failed.exists():  # do not spend half a minute on the same failing build in every process
+            raise RuntimeError(f"an earlier build failed, see {failed} (delete it to try again)")
         if not so.exists():
             # torch's own baton file outlives a build that was killed and would block every later one forever;
             # under our flock nobody else is building, so a leftover one is stale.
             (build / "lock").unlink(missing_ok=True)
             t0 = time.perf_counter()
             log.warning("llama_adapter.quant: compiling the CPU kernels once into %s (about 30 s)", build)
-            cpp_extension.load(
-                name=name,
-                sources=[str(src) for src in SOURCES],
-                extra_cflags=CFLAGS,
-                build_directory=str(build),
-                is_python_module=False,
-                verbose=False,
-            )
+            try:
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(src) for src in SOURCES],
+                    extra_cflags=CFLAGS,
+                    build_directory=str(build),
+                    is_python_module=False,
+                    verbose=False,
+                )
+            except Exception as e:
+                failed.write_text(f"{type(e).__name__}: {e}\n")
+                raise
             _state["build_s"] = time.perf_counter() - t0
             return  # load() has loaded it
     torch.ops.load_library(str(so))
@@ -143,6 +151,13 @@ def ops() -> Any | None:
     """`torch.ops.llama_adapter_quant` once the kernels are built and loaded, else None (warned once)."""
     if "ops" in _state:
         return _state["ops"]
+    with _init_lock:  # two threads' first calls: one builds and loads, the other waits for it
+        if "ops" not in _state:
+            _init()
+    return _state["ops"]
+
+
+def _init() -> None:
     reason = _unavailable_reason()
     if reason is None:
         try:
@@ -155,9 +170,8 @@ def ops() -> Any | None:
         # With no logging configured, Python's last-resort handler prints this one line to stderr.
         log.warning("llama_adapter.quant: %s; using the slower torch reference path", reason)
         _state["ops"], _state["reason"] = None, reason
-        return None
+        return
     _state["ops"], _state["reason"] = getattr(torch.ops, NAMESPACE), None
-    return _state["ops"]
 
 
 def available() -> bool:

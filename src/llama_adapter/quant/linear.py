@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ext
-from .formats import FORMAT_ID, check_format, dequantize, in_features_of, quantize
+from .formats import BLOCK_BYTES, FORMAT_ID, check_format, dequantize, in_features_of, quantize
 from .gguf_types import gguf_to_packed
 
 Activations = Literal["q8", "fp32"]
@@ -68,7 +68,7 @@ def quant_linear(
     """x [..., K] (any float dtype) @ W^T for a packed W [N, row_bytes] -> [..., N] in x's dtype.
 
     `kernel` (one of KERNELS) forces a kernel instead of the per-M choice; benchmarks and tests use it."""
-    k = in_features_of(fmt, packed)
+    k = packed.shape[1] // BLOCK_BYTES[fmt] * 32
     if x.shape[-1] != k:
         raise ValueError(f"quant_linear: input has {x.shape[-1]} features, the weight expects {k}")
     lead, dtype = x.shape[:-1], x.dtype
@@ -189,7 +189,23 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_linear(x, self.weight, self.fmt, self.activations)
+        ops, k = ext.ops(), self.in_features
+        if (
+            ops is not None
+            and x.dtype == torch.float32
+            and x.shape[-1] == k
+            and x.is_cpu
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
+            # Decode calls this ~200 times per token, so the common case skips the general path's checks, the
+            # op-overload lookup and nn.Module's attribute lookup (together as long as a small matmul).
+            x2 = x if x.dim() == 2 else x.reshape(-1, k)
+            kid = _kernel(self.fmt, x2.shape[0], self.activations)
+            y = ops.linear.default(x2, self._buffers["weight"], FORMAT_ID[self.fmt], kid)
+            if x.dim() != 2:
+                y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = quant_linear(x, self.weight, self.fmt, self.activations)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self) -> torch.Tensor:
