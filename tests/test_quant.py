@@ -22,6 +22,7 @@ from llama_adapter.quant import (
     REPACKED_TYPES,
     QuantEmbedding,
     QuantLinear,
+    convert_layout,
     dequantize,
     gguf_dequantize,
     gguf_to_packed,
@@ -245,6 +246,48 @@ def test_kernels_are_batch_invariant_and_thread_count_independent(fmt: str) -> N
     torch.testing.assert_close(rows, one["packed"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_x8_layout_conversions_round_trip_and_match_cpp(fmt: str) -> None:
+    from llama_adapter.quant.formats import from_x8, to_x8
+
+    packed = quantize(torch.randn(24, 96), fmt)
+    x8 = to_x8(packed, fmt)
+    assert not torch.equal(x8, packed) and torch.equal(from_x8(x8, fmt), packed)
+    if kernels_available():
+        assert torch.equal(convert_layout(packed, fmt, "gguf", "x8"), x8)
+        assert torch.equal(convert_layout(x8, fmt, "x8", "gguf"), packed)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        convert_layout(quantize(torch.randn(12, 32), fmt), fmt, "gguf", "x8")
+
+
+@kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_x8_layout_computes_what_the_gguf_layout_does(fmt: str) -> None:
+    torch.manual_seed(8)
+    gguf = QuantLinear.from_float(torch.randn(104, 160), fmt)
+    x8 = QuantLinear.from_float(torch.randn(104, 160), fmt)
+    x8.load_state_dict(gguf.state_dict())  # same bytes; the gguf-layout state is re-laid out on load
+    x8.relayout("x8")
+    assert x8.layout == "x8" and not torch.equal(x8.weight, gguf.weight)
+    assert torch.equal(x8.dequantize(), gguf.dequantize())
+    ids = torch.tensor([0, 103, 50])
+    assert torch.equal(x8.embed(ids), gguf.embed(ids))
+    for m in (1, 3, 8, 33, 100):  # int8 activations: the same integer dots and float epilogue as "packed"
+        x = torch.randn(m, 160)
+        assert torch.equal(x8(x), quant_linear(x, gguf.weight, fmt, kernel="packed")), m
+        torch.testing.assert_close(quant_linear(x, x8.weight, fmt, "fp32", layout="x8"), x @ gguf.dequantize().T)
+    x = torch.randn(5, 160, requires_grad=True)
+    x8(x).backward(gy := torch.randn(5, 104))
+    torch.testing.assert_close(x.grad, gy @ gguf.dequantize(), rtol=1e-5, atol=1e-4)
+    with reference_path():  # the torch fallback reads x8 too
+        torch.testing.assert_close(x8(x.detach()), F.linear(x.detach(), gguf.dequantize()))
+    back = QuantLinear.from_float(torch.randn(104, 160), fmt)
+    back.load_state_dict(x8.state_dict())  # x8 bytes into a gguf-layout module
+    assert torch.equal(back.weight, gguf.weight)
+    fused = QuantLinear.cat([x8, QuantLinear.from_float(torch.randn(16, 160), fmt, layout="x8")])
+    assert torch.equal(fused(x.detach())[:, :104], x8(x.detach()))
+
+
 @kernels
 def test_cat_along_out_features_equals_separate_layers() -> None:
     torch.manual_seed(3)
@@ -252,7 +295,7 @@ def test_cat_along_out_features_equals_separate_layers() -> None:
     fused = QuantLinear.cat([a, b])
     x = torch.randn(2, 5, 96)
     assert fused.out_features == 97 and torch.equal(fused(x), torch.cat([a(x), b(x)], dim=-1))
-    with pytest.raises(ValueError, match="one format and K"):
+    with pytest.raises(ValueError, match="one format, layout and K"):
         QuantLinear.cat([a, QuantLinear.from_float(torch.randn(8, 96), "q8_0")])
 
 
@@ -267,6 +310,20 @@ def test_quant_linear_module_against_nn_linear(fmt: str) -> None:
     ref = F.linear(x.float(), q.dequantize(), lin.bias.detach())
     assert y.dtype == torch.bfloat16 and y.shape == (3, 2, 40)
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_from_packed_bytes_and_state_dict_round_trip() -> None:
+    torch.manual_seed(7)
+    w = torch.randn(40, 64)
+    raw = quantize(w, "q4_1").numpy().tobytes()  # e.g. a tensor's bytes read from a file
+    layer = QuantLinear.from_packed(np.frombuffer(raw, np.uint8).copy(), "q4_1", (40, 64))
+    assert torch.equal(layer.weight, quantize(w, "q4_1"))
+    other = QuantLinear.from_float(torch.randn(40, 64), "q4_1")
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(other(x), layer(x))
+    with pytest.raises(ValueError, match="needs 1600 bytes"):
+        QuantLinear.from_packed(np.zeros(10, np.uint8), "q4_1", (40, 64))
 
 
 def test_quantize_linears_replaces_matching_layers() -> None:

@@ -11,7 +11,7 @@ still works through the torch reference path (see `ext`).
 
 from .ext import available as kernels_available
 from .ext import reference_path, unavailable_reason
-from .formats import BITS_PER_WEIGHT, BLOCK, BLOCK_BYTES, FORMATS, dequantize, quantize
+from .formats import BITS_PER_WEIGHT, BLOCK, BLOCK_BYTES, FORMATS, LAYOUTS, dequantize, quantize
 from .gguf_types import (
     FLOAT_TYPES,
     KERNEL_TYPES,
@@ -25,8 +25,10 @@ from .linear import (
     KERNELS,
     MM_MIN_ROWS,
     PACKED_MIN_ROWS,
+    X8_PACKED_MIN_ROWS,
     QuantEmbedding,
     QuantLinear,
+    convert_layout,
     dequantize_weight,
     quant_embedding,
     quant_linear,
@@ -42,12 +44,15 @@ __all__ = [
     "FORMATS",
     "KERNELS",
     "KERNEL_TYPES",
+    "LAYOUTS",
     "MM_MIN_ROWS",
     "PACKED_MIN_ROWS",
     "REPACKED_TYPES",
     "SUPPORTED_TYPES",
+    "X8_PACKED_MIN_ROWS",
     "QuantEmbedding",
     "QuantLinear",
+    "convert_layout",
     "dequantize",
     "dequantize_weight",
     "gguf_dequantize",

@@ -142,6 +142,14 @@ def _register_fakes() -> None:
     def _quantize(x: torch.Tensor, fmt: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], x.shape[1] // 32 * (18, 20, 34)[fmt], dtype=torch.uint8)
 
+    @torch.library.register_fake(f"{NAMESPACE}::to_x8")
+    def _to_x8(w: torch.Tensor, fmt: int, k: int) -> torch.Tensor:
+        return torch.empty_like(w)
+
+    @torch.library.register_fake(f"{NAMESPACE}::from_x8")
+    def _from_x8(w: torch.Tensor, fmt: int, k: int) -> torch.Tensor:
+        return torch.empty_like(w)
+
     @torch.library.register_fake(f"{NAMESPACE}::embedding")
     def _embedding(w: torch.Tensor, fmt: int, k: int, ids: torch.Tensor) -> torch.Tensor:
         return w.new_empty(*ids.shape, k, dtype=torch.float32)

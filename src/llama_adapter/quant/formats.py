@@ -131,3 +131,50 @@ def dequantize(packed: torch.Tensor, fmt: str) -> torch.Tensor:
     else:
         out = _unpack_nibbles(b[:, 4:]).float() * _half(b[:, :2]) + _half(b[:, 2:4])
     return out.view(n, k)
+
+
+# ------------------------------------------------------------------------------------------ x8 layout
+# The same blocks with 8 rows interleaved per block (csrc/quant.cpp, "x8 layout"): per group of 8 rows and block,
+# the 8 scales (q4_1: then the 8 mins), then q4: 4 x 32 bytes whose byte 4r + i holds row r's elements 8t + i (low
+# nibble) and 8t + 4 + i (high); q8: 8 x 32 bytes whose bytes 4r..4r+3 are row r's elements 4j..4j+3.
+# These torch versions are the reference for the C++ conversions and the fallback when the kernels are missing.
+LAYOUTS = ("gguf", "x8")
+
+
+def _header_bytes(fmt: str) -> int:
+    return 4 if fmt == "q4_1" else 2
+
+
+@torch.no_grad()
+def to_x8(packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """GGUF-layout [N, row_bytes] (N a multiple of 8) -> the x8 layout, same shape."""
+    n, rb = packed.shape
+    if n % 8:
+        raise ValueError(f"the x8 layout needs out_features in multiples of 8, got {n}")
+    bb, hb = BLOCK_BYTES[fmt], _header_bytes(fmt)
+    kb = rb // bb
+    rows = packed.view(n // 8, 8, kb, bb)
+    heads = rows[..., :hb].reshape(n // 8, 8, kb, hb // 2, 2).permute(0, 2, 3, 1, 4).reshape(n // 8, kb, 8 * hb)
+    if fmt == "q8_0":
+        q = rows[..., 2:].reshape(n // 8, 8, kb, 8, 4).permute(0, 2, 3, 1, 4)
+    else:
+        e = _unpack_nibbles(rows[..., hb:]).reshape(n // 8, 8, kb, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        q = e[..., 0] | (e[..., 1] << 4)
+    return torch.cat([heads, q.reshape(n // 8, kb, -1)], dim=-1).reshape(n, rb)
+
+
+@torch.no_grad()
+def from_x8(packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The x8 layout -> GGUF's, same shape."""
+    n, rb = packed.shape
+    bb, hb = BLOCK_BYTES[fmt], _header_bytes(fmt)
+    kb = rb // bb
+    g = packed.view(n // 8, kb, 8 * bb)
+    heads = g[..., : 8 * hb].reshape(n // 8, kb, hb // 2, 8, 2).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, kb, hb)
+    if fmt == "q8_0":
+        q = g[..., 16:].reshape(n // 8, kb, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(n // 8, 8, kb, 32)
+    else:
+        lt = g[..., 8 * hb :].reshape(n // 8, kb, 4, 8, 4)  # [t, r, i]
+        e = torch.stack([lt & 0x0F, lt >> 4], dim=-1)  # [t, r, i, h]: element 8t + 4h + i
+        q = _pack_nibbles(e.permute(0, 3, 1, 2, 5, 4).reshape(n // 8, 8, kb, 32))
+    return torch.cat([heads, q], dim=-1).reshape(n, rb)
