@@ -14,6 +14,7 @@ slows all of them alike). GB/s counts the weight bytes read once per call; GOP/s
 show every kernel. The decode-step table times all 211 matmuls of one SmolLM2 token (210 layer matrices and
 the 49152x576 output projection), unfused and with q/k/v and gate/up fused. Prints markdown on stdout,
 progress on stderr, with the command and the load average (numbers from a busy machine are not comparable).
+Rows "x8" use QuantLinear(layout="x8"), the same bytes with 8 rows interleaved per block.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from llama_adapter.quant import (
     KERNELS,
     MM_MIN_ROWS,
     PACKED_MIN_ROWS,
+    convert_layout,
     kernels_available,
     quant_linear,
     quantize,
@@ -102,6 +104,10 @@ def methods(w: torch.Tensor, m: int, all_kernels: bool) -> tuple[dict[str, Calla
         p = quantize(w, fmt)
         fns[f"ours {fmt}"] = lambda p=p, fmt=fmt: quant_linear(x, p, fmt)
         nbytes[f"ours {fmt}"] = p.numel()
+        if n % 8 == 0:
+            p8 = convert_layout(p, fmt, "gguf", "x8")
+            fns[f"ours {fmt} x8"] = lambda p8=p8, fmt=fmt: quant_linear(x, p8, fmt, layout="x8")
+            nbytes[f"ours {fmt} x8"] = p8.numel()
         if all_kernels:
             for kernel in KERNELS:
                 fns[f"{fmt} {kernel}"] = lambda p=p, fmt=fmt, kernel=kernel: quant_linear(x, p, fmt, kernel=kernel)
@@ -134,7 +140,8 @@ def decode_step(batch: int) -> Callable[[list, tuple], None]:
             if fmt is None:
                 F.linear(xh[p.shape[1]] if p.dtype == torch.float16 else x[p.shape[1]], p)
             else:
-                quant_linear(x[p.shape[1] // BLOCK_BYTES[fmt] * 32], p, fmt)
+                f, _, layout = fmt.partition(" ")
+                quant_linear(x[p.shape[1] // BLOCK_BYTES[f] * 32], p, f, layout=layout or "gguf")
 
     return step
 
@@ -152,6 +159,10 @@ def decode_step_table(args: argparse.Namespace) -> None:
             variants[fmt] = ([(quantize(w, fmt), fmt) for w in ws], (quantize(out, fmt), fmt))
         # the GGUF file's own mix: Q4_1 layers, Q8_0 tied embedding / output
         variants["q4_1 + q8_0 output"] = (variants["q4_1"][0], (quantize(out, "q8_0"), "q8_0"))
+        for name in ("q4_0", "q4_1 + q8_0 output"):
+            mats, (p, fmt) = variants[name]
+            x8 = [(convert_layout(m, f, "gguf", "x8"), f + " x8") for m, f in mats]
+            variants[name + ", x8 layout"] = (x8, (convert_layout(p, fmt, "gguf", "x8"), fmt + " x8"))
         for batch in (1, 8):
             step = decode_step(batch)
             log(f"  decode step {layout} batch {batch}")

@@ -347,6 +347,19 @@ def test_input_gradient_through_frozen_quantized_linear(fmt: str, m: int) -> Non
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+@kernels
+def test_transposed_copy_input_gradient_is_close() -> None:
+    torch.manual_seed(9)
+    layer = QuantLinear.from_float(torch.randn(64, 96), "q4_1").keep_transposed_copy()
+    assert layer.weight_t.shape == (96, 64 // 32 * 34) and "weight_t" not in layer.state_dict()
+    x, gy = torch.randn(40, 96, requires_grad=True), torch.randn(40, 64)
+    layer(x).backward(gy)
+    exact = gy @ layer.dequantize()
+    assert ((x.grad - exact).norm() / exact.norm()).item() < 2e-2  # 8-bit grad_y and W^T
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantLinear.from_float(torch.randn(40, 96), "q4_1").keep_transposed_copy()
+
+
 # ------------------------------------------------------------------------------------------ fallback
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_reference_path_gives_the_exact_activation_result(fmt: str) -> None:

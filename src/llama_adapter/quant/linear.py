@@ -81,22 +81,30 @@ def convert_layout(packed: torch.Tensor, fmt: str, src: Layout, dst: Layout) -> 
 
 
 class _LinearFn(torch.autograd.Function):
-    """y = x @ W^T with the input gradient grad_y @ W; W is frozen (no gradient)."""
+    """y = x @ W^T with the input gradient grad_y @ W; W is frozen (no gradient). With `wt` (a q8_0 copy of
+    W^T) the gradient runs on the int8 kernels instead of dequantizing W per call."""
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor, fmt_id: int, kernel: int, k: int) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor, w: torch.Tensor, fmt_id: int, kernel: int, k: int, wt: torch.Tensor | None
+    ) -> torch.Tensor:
         return ext.ops().linear(x, w, fmt_id, kernel)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
-        _, w, fmt_id, _, k = inputs
-        ctx.save_for_backward(w)
+        _, w, fmt_id, _, k, wt = inputs
+        ctx.save_for_backward(w, wt)
         ctx.fmt_id, ctx.k = fmt_id, k
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):  # noqa: ANN001, ANN205
-        (w,) = ctx.saved_tensors
-        return ext.ops().linear_grad(gy.contiguous(), w, ctx.fmt_id, ctx.k), None, None, None, None
+        w, wt = ctx.saved_tensors
+        if wt is not None:
+            kernel = _kernel("q8_0", gy.numel() // gy.shape[-1], "q8")
+            gx = ext.ops().linear(gy.contiguous(), wt, FORMAT_ID["q8_0"], kernel)
+        else:
+            gx = ext.ops().linear_grad(gy.contiguous(), w, ctx.fmt_id, ctx.k)
+        return gx, None, None, None, None, None
 
 
 def quant_linear(
@@ -106,10 +114,12 @@ def quant_linear(
     activations: Activations = "q8",
     kernel: str | None = None,
     layout: Layout = "gguf",
+    weight_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] (any float dtype) @ W^T for a packed W [N, row_bytes] -> [..., N] in x's dtype.
 
-    `kernel` (one of KERNELS) forces a kernel instead of the per-M choice; benchmarks and tests use it."""
+    `kernel` (one of KERNELS) forces a kernel instead of the per-M choice; benchmarks and tests use it.
+    `weight_t`: a q8_0 W^T [K, N/32 * 34] for the input gradient (QuantLinear.keep_transposed_copy)."""
     k = packed.shape[1] // BLOCK_BYTES[fmt] * 32
     if x.shape[-1] != k:
         raise ValueError(f"quant_linear: input has {x.shape[-1]} features, the weight expects {k}")
@@ -123,7 +133,7 @@ def quant_linear(
     else:
         kid = KERNELS.index(kernel) if kernel is not None else _kernel(fmt, x2.shape[0], activations, layout)
         if torch.is_grad_enabled() and x2.requires_grad:
-            y = _LinearFn.apply(x2, packed, _fmt_id(fmt, layout), kid, k)
+            y = _LinearFn.apply(x2, packed, _fmt_id(fmt, layout), kid, k, weight_t)
         else:
             y = ops.linear(x2, packed, _fmt_id(fmt, layout), kid)
     y = y.reshape(*lead, packed.shape[0])
@@ -197,6 +207,7 @@ class QuantLinear(nn.Module):
         if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"QuantLinear: bias of shape {list(bias.shape)} for {self.out_features} outputs")
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("weight_t", None, persistent=False)
 
     # ------------------------------------------------------------------------------ constructors
     @classmethod
@@ -213,18 +224,30 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_packed(
-        cls, raw: np.ndarray | torch.Tensor, fmt: str, shape: Sequence[int], activations: Activations = "q8"
+        cls,
+        raw: np.ndarray | torch.Tensor,
+        fmt: str,
+        shape: Sequence[int],
+        activations: Activations = "q8",
+        layout: Layout = "gguf",
     ) -> QuantLinear:
-        """From bytes already in `fmt`'s block layout (e.g. a GGUF Q4_1 tensor), logical shape [out, in]."""
-        return cls(_packed_from_raw(raw, fmt, shape), fmt, activations=activations)
+        """From bytes in GGUF's `fmt` block layout (e.g. a GGUF Q4_1 tensor), logical shape [out, in]; with
+        layout="x8" they are re-laid out (copied), else used as they are (a GGUF mmap stays a mmap)."""
+        packed = convert_layout(_packed_from_raw(raw, fmt, shape), fmt, "gguf", layout)
+        return cls(packed, fmt, activations=activations, layout=layout)
 
     @classmethod
     def from_gguf(
-        cls, qtype: int | str, raw: np.ndarray | torch.Tensor, shape: Sequence[int], activations: Activations = "q8"
+        cls,
+        qtype: int | str,
+        raw: np.ndarray | torch.Tensor,
+        shape: Sequence[int],
+        activations: Activations = "q8",
+        layout: Layout = "gguf",
     ) -> QuantLinear:
         """From a GGUF tensor of any supported quantized type (K-quants are re-packed; see gguf_types)."""
         packed, fmt = gguf_to_packed(qtype, raw, tuple(shape))
-        return cls(packed, fmt, activations=activations)
+        return cls(convert_layout(packed, fmt, "gguf", layout), fmt, activations=activations, layout=layout)
 
     @staticmethod
     def cat(layers: Sequence[QuantLinear]) -> QuantLinear:
@@ -245,6 +268,15 @@ class QuantLinear(nn.Module):
             bias = torch.cat([zeros(x.out_features) if x.bias is None else x.bias for x in layers])
         weight = torch.cat([layer.weight for layer in layers])  # x8 groups never straddle layers (N % 8 == 0)
         return QuantLinear(weight, first.fmt, bias, first.activations, first.layout)
+
+    def keep_transposed_copy(self, enable: bool = True) -> QuantLinear:
+        """Training: keep W^T in q8_0 (+1.06 bytes per weight, not saved) so the input gradient grad_y @ W runs
+        on the int8 kernels (~1.5x dequantize + MKL, benchmarks/kernels.py --grad) instead of dequantizing W per
+        call. The gradient then carries 8-bit rounding of grad_y and of W (requantized): measure the loss."""
+        if enable and self.out_features % 32:
+            raise ValueError(f"keep_transposed_copy: out_features {self.out_features} is not a multiple of 32")
+        self.weight_t = quantize(self.dequantize().t().contiguous(), "q8_0") if enable else None
+        return self
 
     def relayout(self, layout: Layout) -> QuantLinear:
         """Convert the weight to `layout` in place (a byte permutation); returns self."""
@@ -270,7 +302,7 @@ class QuantLinear(nn.Module):
             if x.dim() != 2:
                 y = y.view(*x.shape[:-1], self.out_features)
         else:
-            y = quant_linear(x, self.weight, self.fmt, self.activations, layout=self.layout)
+            y = quant_linear(x, self.weight, self.fmt, self.activations, layout=self.layout, weight_t=self.weight_t)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize(self) -> torch.Tensor:
