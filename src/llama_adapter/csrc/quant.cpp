@@ -1,10 +1,14 @@
-// y = x @ W^T for weights kept in GGUF's block layouts (q4_0, q4_1, q8_0), with AVX2 integer dot products.
+// y = x @ W^T for weights kept in GGUF's block formats (q4_0, q4_1, q8_0), with AVX2 integer dot products.
 //
 // Why it looks like this: decoding reads every weight once per token, so the weights stay packed (0.56-1.06
 // bytes per weight instead of 4) and are expanded in registers. x is quantized once per call to 8 bits per
 // block of 32 (llama.cpp's q8 activations), which turns each 32-weight block into one `maddubs` + `madd`
-// instead of 32 float FMAs. Tiles of RM activation rows x RN weight rows reuse every unpacked weight block
-// across the batch, so batch 8 costs little more than batch 1.
+// instead of 32 float FMAs. The kernels, by rows M of x (linear.py picks; benchmarks/kernels.py measures):
+//   gemv      M = 1, GGUF rows: one sequential stream per thread, prefetched (decode)
+//   tile_q8   M = 2..3, GGUF rows: RM x RN register tiles
+//   packed    M >= 4: 8-row weight tiles re-laid out per call so 8 rows share each instruction (~2x fp32 MKL)
+//   x8        the same re-layout stored at load ("x8 layout"): decode and batched decode read it directly
+//   tile_f32 / mm   fp32 activations: blocks expanded to floats in registers / dequantized chunks + MKL
 //
 // Only light headers (no <torch/extension.h>, no pybind11): ops are registered with TORCH_LIBRARY and
 // called through torch.ops, which halves the first build and keeps the ops visible to torch.compile.

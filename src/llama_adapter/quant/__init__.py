@@ -4,6 +4,7 @@
 
     layer = quantize_linear(nn.Linear(576, 1536, bias=False), "q4_1")   # or QuantLinear.from_gguf(...)
     y = layer(x)                                                           # x [..., 576] -> [..., 1536]
+    layer.relayout("x8")       # inference: 8 rows interleaved per block, ~1.2x decode, ~2x batch-8 decode
 
 The kernels (csrc/quant.cpp) build once per machine on first use; without a compiler or AVX2 everything
 still works through the torch reference path (see `ext`).

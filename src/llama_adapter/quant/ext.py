@@ -105,7 +105,7 @@ def _build_and_load() -> None:
             # under our flock nobody else is building, so a leftover one is stale.
             (build / "lock").unlink(missing_ok=True)
             t0 = time.perf_counter()
-            log.warning("llama_adapter.quant: compiling the CPU kernels once into %s (about 30 s)", build)
+            log.warning("llama_adapter.quant: compiling the CPU kernels once into %s (30-60 s)", build)
             try:
                 cpp_extension.load(
                     name=name,
