@@ -8,6 +8,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .loading import WEIGHTS, WEIGHTS_HELP
+
 EXAMPLES = {
     "convert": "llama-adapter convert adapter peft_dir/ runs/from_peft --to ours --base smollm2-135m-instruct\n"
     "  llama-adapter convert adapter runs/alpaca runs/alpaca_peft --to peft\n"
@@ -89,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--tokenizer", help="tokenizer file when none lies next to the weights")
         sp.add_argument("--template", default="auto", help="prompt template: auto, plain, alpaca, chatml")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        sp.add_argument(
+            "--weights",
+            default="auto",
+            choices=WEIGHTS,
+            help=WEIGHTS_HELP,
+        )
 
     def sampling_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=256)
@@ -270,6 +278,12 @@ def _evaluate_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--skip-bad", action="store_true", help="skip (and count) bad items instead of stopping")
     e.add_argument("--report", help="write the JSON report here")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS,
+        help=WEIGHTS_HELP,
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     e.add_argument(
         "--image-encoder-weights",
@@ -335,7 +349,7 @@ def _stack(args: argparse.Namespace, purpose: str):
     from .loading import load_stack
 
     return load_stack(
-        args.model, args.adapter, dtype=args.dtype, template=args.template, purpose=purpose,
+        args.model, args.adapter, dtype=args.dtype, template=args.template, purpose=purpose, weights=args.weights,
         tokenizer=getattr(args, "tokenizer", None), image_encoder_weights=getattr(args, "image_encoder_weights", None),
     )  # fmt: skip
 

@@ -12,6 +12,7 @@ template (+ the encoders of multimodal adapters). `generate`, `chat`, `evaluate`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ from typing import Any
 import torch
 
 from .adapter import AdaptedLLaMA, PromptState, load_adapter, read_adapter_config
-from .checkpoint import load_model
+from .checkpoint import load_model, resolve
 from .model import LLaMA
 from .multimodal import Input, ModalitySet, as_input
+from .quant import kernels_available, unavailable_reason
 from .tokenizer import TEMPLATES, alpaca_prompt, load_tokenizer, render_chat
 
 PURPOSES = ("complete", "instruct", "chat")
@@ -243,6 +245,47 @@ class Stack:
                                   who=f"adapter {a.name!r}")  # fmt: skip
 
 
+WEIGHTS = ("auto", "fp32", "bf16", "fp16", "q8", "q4", "q8_0", "q4_0", "q4_1")
+_ALIASES = {"q8": "q8_0", "q4": "q4_1"}
+WEIGHTS_HELP = (
+    "how the frozen weights are held: auto (a GGUF keeps its quantized tensors; float checkpoints become q8_0 "
+    "where the CPU kernels run), fp32, bf16, fp16, q8 (q8_0), q4 (q4_1), q4_0 (default: %(default)s)"
+)
+_FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("llama_adapter")
+
+
+def resolve_weights(requested: str | None, model: str, purpose: str = "complete") -> str | None:
+    """How the frozen base holds its linear weights (`checkpoint.load_model(weights=...)`).
+
+    "auto", the default, picks the fastest format that keeps the model's quality on this machine:
+    - a GGUF file keeps its quantized tensors as stored (Q4_0/Q4_1/Q8_0 run directly, K-quants are
+      re-packed): nothing is dequantized to fp32;
+    - a float checkpoint (HF, Meta, llama2.c) is quantized to q8_0 at load for generation and
+      evaluation (8-bit: within 1% of fp32 perplexity, see benchmarks/results.md);
+    - training ("instruct") keeps float weights: large-matrix products run as dequantize + fp32 GEMM,
+      so packing saves memory, not time;
+    - without the AVX2 kernels (no compiler, another CPU) everything stays fp32.
+    "q8"/"q4" (q8_0 / q4_1) quantize float checkpoints (a GGUF's own quantized tensors are kept);
+    "fp32"/"bf16"/"fp16" dequantize everything to that dtype. Asking for a packed format where the
+    kernels cannot run falls back to fp32 with a one-line notice.
+    """
+    w = _ALIASES.get(requested or "auto", requested or "auto")
+    if w not in WEIGHTS:
+        raise ValueError(f"--weights {requested!r}: choose one of {', '.join(WEIGHTS)}")
+    if w in _FLOAT:
+        return w
+    if not kernels_available():
+        if w != "auto":
+            log.warning("note: --weights %s needs the CPU kernels (%s); using fp32 weights", w, unavailable_reason())
+        return None
+    if w != "auto":
+        return w
+    if resolve(model).format == "gguf":
+        return "keep"
+    return None if purpose == "instruct" else "q8_0"
+
+
 def load_stack(
     model: str,
     adapters: dict[str, str] | str | None = None,
@@ -253,12 +296,16 @@ def load_stack(
     purpose: str = "complete",
     tokenizer: str | None = None,
     image_encoder_weights: str | None = None,
+    weights: str | None = "auto",
 ) -> Stack:
     """Load a base model (a `checkpoint.load_model` spec), its tokenizer (next to the weights, or
-    `tokenizer`) and adapters ({name: directory}, or one directory) onto that one base."""
+    `tokenizer`) and adapters ({name: directory}, or one directory) onto that one base, its linear
+    weights held as `resolve_weights` decides."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    base = load_model(model, dtype=dtype)
+    w = resolve_weights(weights, model, purpose)
+    dtype = _FLOAT.get(w or "", dtype)
+    base = load_model(model, dtype=dtype, weights=w)
     if device:
         base = base.to(device)
     tok_path = tokenizer or base.config.extra.get("tokenizer")

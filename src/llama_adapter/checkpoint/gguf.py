@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize as gguf_dequantize
 
 from ..config import Config
 from ..model import LLaMA, rope_frequencies
+from ..quant import SUPPORTED_TYPES, gguf_dequantize, gguf_to_packed, is_quantized_type
+from ..quant.gguf_types import type_name
 from .build import Lazy, build_model
 from .common import ModelSource, chat_template_name, new_config, with_config
 from .keymaps import GGUF_KEYS
@@ -35,8 +36,6 @@ _KINDS: dict[type, tuple[type, ...]] = {
     str: (str,),
     bool: (bool, np.bool_),
 }
-GGUF_NATIVE = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")  # dequantised here, with torch
-GGUF_VIA_GGUF_PY = ("Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # via gguf.quants.dequantize
 
 
 def _damaged(path: Path, what: str) -> ValueError:
@@ -182,50 +181,11 @@ def read_gguf_metadata(path: str | Path, prefix: str = "") -> dict[str, Any]:
     return {k: v for k, v in read_gguf(path).metadata.items() if k.startswith(prefix)}
 
 
-# ----------------------------------------------------------------------------------------- dequantise
-def _qtype_name(qtype: int) -> str:
-    try:
-        return GGMLQuantizationType(qtype).name
-    except ValueError:
-        return str(qtype)
-
-
-def _dequantize_q4_q8(b: torch.Tensor, name: str, block: int, size: int, shape: tuple[int, ...]) -> torch.Tensor:
-    b = b.reshape(-1, size)
-    out = torch.empty(b.shape[0], block)
-    if name == "Q8_0":  # [d: f16][q: 32 x int8]
-        out.copy_(b[:, 2:].view(torch.int8))
-        return out.mul_(b[:, :2].contiguous().view(torch.float16)).view(shape)
-    # Q4_0 [d: f16][16 bytes], Q4_1 [d: f16][m: f16][16 bytes]: low nibbles are elements 0-15, high ones 16-31
-    qs = b[:, 4:] if name == "Q4_1" else b[:, 2:]
-    halves = out.view(-1, 2, block // 2)
-    halves[:, 0] = qs & 0x0F
-    halves[:, 1] = qs >> 4
-    if name == "Q4_0":
-        return out.sub_(8).mul_(b[:, :2].contiguous().view(torch.float16)).view(shape)
-    dm = b[:, :4].contiguous().view(torch.float16).float()
-    return out.mul_(dm[:, :1]).add_(dm[:, 1:]).view(shape)
-
-
+# ----------------------------------------------------------------------------------------- tensors
 def dequantize(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bytes of one GGUF tensor -> float32 tensor of `shape` (torch order)."""
-    name = _qtype_name(qtype)
-    if name not in GGUF_NATIVE + GGUF_VIA_GGUF_PY:
-        raise ValueError(
-            f"GGUF tensor type {name} is not supported; supported: {', '.join(GGUF_NATIVE + GGUF_VIA_GGUF_PY)}; "
-            "re-quantise the model (e.g. llama.cpp's llama-quantize ... Q8_0)"
-        )
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    n = math.prod(shape)
-    if shape[-1] % block:
-        raise ValueError(f"GGUF tensor of shape {list(shape)}: rows not a multiple of {name}'s block size {block}")
-    raw = raw[: n // block * size]
-    if name in GGUF_VIA_GGUF_PY:
-        return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(raw, GGMLQuantizationType(qtype)))).reshape(shape)
-    b = torch.from_numpy(raw)
-    if name in ("F32", "F16", "BF16"):
-        return b.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]).reshape(shape)
-    return _dequantize_q4_q8(b, name, block, size, shape)
+    """Bytes of one GGUF tensor -> float32 tensor of `shape` (torch order); quant.gguf_types holds the
+    one dequantizer of every type (checked against gguf-py on random blocks)."""
+    return gguf_dequantize(qtype, raw, shape)
 
 
 def gguf_tensor(g: GGUFFile, name: str) -> torch.Tensor:
@@ -298,17 +258,21 @@ def gguf_config(g: GGUFFile) -> Config:
 def load_gguf(source: ModelSource, config: Config | None, **kw: Any) -> tuple[LLaMA, str | None]:
     g = read_gguf(source.path)
     config = with_config(config, gguf_config(g), source.name)
-
-    def reader(shape: tuple[int, ...], qtype: int, off: int) -> Callable[[], torch.Tensor]:
-        return lambda: dequantize(g.data[off:], qtype, shape)
-
-    tensors: list[Lazy] = [(name, shape, reader(shape, qtype, off)) for name, (shape, qtype, off) in g.tensors.items()]
     # Fail on an unsupported type before spending time on the others.
     for name, (_, qtype, _) in g.tensors.items():
-        if GGUF_KEYS.ours(name) is not None and _qtype_name(qtype) not in GGUF_NATIVE + GGUF_VIA_GGUF_PY:
-            try:
-                dequantize(np.zeros(0, np.uint8), qtype, (1,))
-            except ValueError as e:
-                raise ValueError(f"{g.path}: tensor {name!r}: {e}") from e
+        if GGUF_KEYS.ours(name) is not None and type_name(qtype) not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"{g.path}: tensor {name!r} has GGUF type {type_name(qtype)}, which is not supported; supported: "
+                f"{', '.join(SUPPORTED_TYPES)} (re-quantize the file, e.g. llama.cpp's llama-quantize ... Q4_K_M)"
+            )
+
+    def reader(shape: tuple[int, ...], qtype: int, off: int) -> Callable[[], torch.Tensor]:
+        return lambda: gguf_dequantize(qtype, g.data[off:], shape)
+
+    def packed(name: str) -> tuple[torch.Tensor, str] | None:
+        shape, qtype, off = g.tensors[name]
+        return gguf_to_packed(qtype, g.data[off:], shape) if is_quantized_type(qtype) else None
+
+    tensors: list[Lazy] = [(name, shape, reader(shape, qtype, off)) for name, (shape, qtype, off) in g.tensors.items()]
     template = chat_template_name(g.value("tokenizer.chat_template", str))
-    return build_model(source, config, GGUF_KEYS, tensors, **kw), template
+    return build_model(source, config, GGUF_KEYS, tensors, packed=packed, **kw), template

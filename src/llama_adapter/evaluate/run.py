@@ -54,6 +54,7 @@ class EvalArgs:
     skip_bad: bool = False
     report: str | None = None
     dtype: str = "float32"
+    weights: str = "auto"  # how the frozen weights are held (loading.resolve_weights)
     progress: bool = True
     image_encoder_weights: str | None = None  # None: the path the adapter recorded at training, if any
     controls: bool = True  # ocr: also ask each question about its no-text control photo
@@ -140,6 +141,7 @@ def run(args: EvalArgs, stack: Stack | None = None) -> dict[str, Any]:
     if stack is None:
         stack = load_stack(
             args.model, args.adapter, dtype=args.dtype, template=args.template, purpose=PURPOSE[args.task],
+            weights=args.weights,
             image_encoder_weights=args.image_encoder_weights,
         )  # fmt: skip
     name = next(iter(stack.adapters), None)

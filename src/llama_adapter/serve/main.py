@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..loading import load_stack
+from ..loading import WEIGHTS, WEIGHTS_HELP, load_stack
 from .api import ServeOptions
 from .http import build_app
 from .scheduler import Scheduler
@@ -46,6 +46,12 @@ def add_arguments(p: Any) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_ADAPTER_API_KEY)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS,
+        help=WEIGHTS_HELP,
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: where the loader puts it)")
     p.add_argument("--tokenizer", help="tokenizer file when none lies next to the weights")
     p.add_argument("--template", default="auto", help="chat template of the base model: auto, plain, chatml, alpaca")
@@ -78,7 +84,7 @@ def serve_main(args: Any) -> int:
             raise ValueError(f"--adapter name {name!r} is used twice; give each adapter its own name")
         adapters[name] = path
     stack = load_stack(args.model, adapters, dtype=args.dtype, device=args.device, template=args.template,
-                       tokenizer=args.tokenizer)  # fmt: skip
+                       tokenizer=args.tokenizer, weights=args.weights)  # fmt: skip
     if stack.name in adapters:
         raise ValueError(f"--adapter name {stack.name!r} equals the base model's name; pick another name")
     scheduler = Scheduler(stack, max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
