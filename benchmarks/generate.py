@@ -1,24 +1,24 @@
-"""Decoding speed: our `generate` vs transformers' `LlamaForCausalLM.generate` on the same weights,
-and both against the machine's memory-bandwidth bound.
+"""Decoding and prefill speed per weight format: ours vs llama.cpp (same GGUF file) vs transformers.
 
-Batch-1 decoding of a small model is memory-bound: every new token reads every weight once, so
-tokens/s can at best be (copy bandwidth) / (weight bytes per token). The HF model is built in
-memory from our loaded weights (no second download, no conversion on disk).
+    python benchmarks/generate.py                       # SmolLM2-135M-Instruct Q4_1: every row, 2 threads
+    python benchmarks/generate.py --formats keep --batch 1 --no-hf --no-llamacpp   # one quick row
+    python benchmarks/generate.py --write               # also replace the section in benchmarks/results.md
 
-    python benchmarks/generate.py                  # SmolLM2-135M-Instruct: fp32 and fp16, base and adapter
-    python benchmarks/generate.py --dtypes float32 --batch 1 --no-adapter
-    python benchmarks/generate.py --compile       # adds torch.compile rows (ours; ~1-2 min to compile)
-    python benchmarks/generate.py --write         # also replace the decoding section of results.md
-
-Rows: the base model (ours vs transformers `generate`) and the model with a K=10, L=30 adaption
-prompt (ours vs transformers + PEFT `AdaptionPromptConfig`, holding the same prompt and gate values,
-exported with our PEFT converter), in each dtype. The bandwidth bound is per dtype: half-precision
-weights are half the bytes. Prints a markdown table on stdout; progress goes to stderr.
+Rows: for each of our weight formats (`--weights`: keep = the GGUF's own Q4_1/Q8_0 tensors, packed;
+q8_0; fp32 = dequantized), the base model and the same model with a K=10, L=30 adapter (open gates),
+at batch 1 and 8: decode tokens/s (all rows, from the first new token to the last, greedy, the same
+prompt in every row) and prefill tokens/s of a 512-token prompt. Next to them: llama.cpp through
+llama-cpp-python on the same GGUF with the same threads (batch 1; an optional benchmark-only
+dependency: `pip install llama-cpp-python`, a ~15-40 minute build from source here; the column is
+skipped with a note when it is missing) and transformers' LlamaForCausalLM in fp32 and fp16 built
+from our weights. Run it alone on an idle machine: on 2 cores a concurrent job halves every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 import warnings
@@ -26,144 +26,115 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter.generate import SamplingParams, generate
+from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
+from llama_adapter.checkpoint import load_model, resolve
+from llama_adapter.engine import Engine, Row
 from llama_adapter.model import LLaMA
+from llama_adapter.sampling import SamplingParams
+from llama_adapter.tokenizer import load_tokenizer, render_chat
 
 PROMPT = "Write a short story about a robot who learns to paint."
-
-# Our parameter names -> transformers' LLaMA names ({i} = layer). Our q/k layout is already HF's
-# rotate-half layout, so nothing is permuted.
-HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-}
+HERE = Path(__file__).resolve().parent
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def hf_model(model: LLaMA):
-    """A transformers LlamaForCausalLM sharing nothing but the values of our weights."""
+# ------------------------------------------------------------------------------------------- ours
+def with_adapter(base: LLaMA, seed: int = 0) -> AdaptedLLaMA:
+    """K=10, L=30 adaption prompts with open gates (an adapter after training costs what this costs)."""
+    torch.manual_seed(seed)
+    net = AdaptedLLaMA(base, AdapterConfig(adapter_len=10, adapter_layers=min(30, base.config.n_layers))).eval()
+    with torch.no_grad():
+        net.adapter.prompts.mul_(0.02)
+        net.adapter.gates.uniform_(0.0, 0.5)
+    return net
+
+
+def ours_decode(model: torch.nn.Module, ids: list[int], batch: int, n: int) -> tuple[float, list[int]]:
+    """Decode tokens/s over all rows: from the first new token (end of prefill) to the last."""
+    stamps: list[float] = []
+    rows = [Row(ids, SamplingParams(max_new_tokens=n)) for _ in range(batch)]
+    rows[0].on_token = lambda row, tok: stamps.append(time.perf_counter())
+    engine = Engine(model, max_batch=batch, max_len=len(ids) + n)
+    engine.run(rows)
+    return batch * (n - 1) / (stamps[-1] - stamps[0]), rows[0].tokens
+
+
+def ours_prefill(model: torch.nn.Module, ids: list[int]) -> float:
+    engine = Engine(model, max_batch=1, max_len=len(ids) + 1)
+    t = time.perf_counter()
+    engine.add([Row(ids, SamplingParams(max_new_tokens=1))])
+    return len(ids) / (time.perf_counter() - t)
+
+
+# ------------------------------------------------------------------------------------- llama.cpp
+def llamacpp(path: Path, threads: int, ids: list[int], long_ids: list[int], n: int, repeats: int) -> dict:
+    """Batch-1 decode and prefill tokens/s of llama.cpp on the GGUF itself (its own Q4_1 kernels)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                          verbose=False)  # fmt: skip
+    best_dec, tokens = 0.0, []
+    for _ in range(repeats + 1):  # the first run warms up
+        llm.reset()
+        stamps, toks = [], []
+        for out in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
+            toks.append(out)
+            if len(toks) == n:
+                break
+        best_dec = max(best_dec, (n - 1) / (stamps[-1] - stamps[0]))
+        tokens = toks
+    best_pre = 0.0
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(long_ids)
+        best_pre = max(best_pre, len(long_ids) / (time.perf_counter() - t))
+    return {"decode": best_dec, "prefill": best_pre, "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------- transformers
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight", "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+
+
+def hf_model(model: LLaMA, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding the values of our (fp32) weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = model.config
-    hf_cfg = LlamaConfig(
-        hidden_size=c.dim,
-        intermediate_size=c.hidden_dim,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim,
-        vocab_size=c.vocab_size,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-        rope_scaling={"rope_type": "llama3", **c.rope_scaling} if c.rope_scaling else None,
-        max_position_embeddings=c.max_seq_len,
-        tie_word_embeddings=c.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    hf_cfg.rope_theta = c.rope_theta  # newer transformers keep it under rope_parameters; set both ways
-    hf = LlamaForCausalLM(hf_cfg).to(model.tok_embeddings.weight.dtype).eval()
+    cfg = LlamaConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+                      num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+                      vocab_size=c.vocab_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                      max_position_embeddings=c.max_seq_len, tie_word_embeddings=c.tie_embeddings)  # fmt: skip
+    cfg.rope_theta = c.rope_theta
+    hf = LlamaForCausalLM(cfg).eval()
     sd = {}
-    for ours, t in model.state_dict().items():
-        parts = ours.split(".")
-        key = ".".join(["layers", "{i}", *parts[2:]]) if parts[0] == "layers" else ours
-        sd[HF_NAMES[key].replace("{i}", parts[1]) if parts[0] == "layers" else HF_NAMES[key]] = t
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight") and "rotary" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"HF weight mapping is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, t in model.state_dict().items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            mod, _, leaf = rest.rpartition(".")
+            sd[f"model.layers.{i}.{HF_NAMES[mod]}.{leaf}"] = t
+        else:
+            sd[HF_NAMES[k]] = t
+    hf.load_state_dict(sd, strict=False)
     if c.tie_embeddings:
         hf.tie_weights()
-    # No end-of-sequence: both sides generate exactly n tokens, and nothing suppresses a token.
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    return hf
+    return hf.to(dtype)
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Best-of-N bytes read+written per second for a large tensor copy."""
-    a = torch.ones(nbytes // 4, dtype=torch.float32)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
-
-
-def weight_bytes_per_token(model: LLaMA) -> int:
-    """Bytes of weights one decode step reads: every parameter once (tied ones once), except an
-    untied embedding table, of which a step reads only B rows."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        if name == "tok_embeddings.weight" and not model.config.tie_embeddings:
-            continue
-        total += p.numel() * p.element_size()
-    return total
-
-
-def time_ours(model: LLaMA, ids: list[int], batch: int, n: int, compile: bool) -> tuple[float, list[int]]:
-    """Decode tokens/s (all rows): time from the first new token (end of prefill) to the last."""
-    stamps: list[float] = []
-
-    def cb(row: int, tok: int) -> None:
-        if row == 0:
-            stamps.append(time.perf_counter())
-
-    out = generate(model, [ids] * batch, SamplingParams(max_new_tokens=n), callback=cb, compile=compile)
-    return batch * (n - 1) / (stamps[-1] - stamps[0]), out[0]
-
-
-class _Stamps:
-    """A transformers streamer that only records when each step's tokens arrive."""
-
-    def __init__(self) -> None:
-        self.t: list[float] = []
-
-    def put(self, value) -> None:
-        self.t.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def time_hf(hf, ids: list[int], n: int) -> tuple[float, list[int]]:
-    """Batch 1, timed like ours through a streamer."""
-    x = torch.tensor([ids])
-    s = _Stamps()
-    with torch.inference_mode():
-        out = hf.generate(
-            x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-            streamer=s,
-        )
-    # t[0] is the prompt, t[1] the first new token (after prefill), t[-1] the last.
-    return (n - 1) / (s.t[-1] - s.t[1]), out[0, len(ids) :].tolist()
-
-
-def time_hf_batched(hf, ids: list[int], batch: int, n: int) -> float:
-    """Streamers are batch-1 only: time n and 1 new tokens and take the difference (= n-1 decode steps)."""
+def hf_decode(hf, ids: list[int], batch: int, n: int) -> float:
+    """n and 1 new tokens timed apart: the difference is n-1 decode steps (streamers are batch-1 only)."""
     x = torch.tensor([ids] * batch)
     kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -176,163 +147,117 @@ def time_hf_batched(hf, ids: list[int], batch: int, n: int) -> float:
     return batch * (n - 1) / max(tn - t1, 1e-9)
 
 
-def matmul_floor(model: LLaMA, repeats: int = 5) -> float:
-    """Seconds for one batch-1 pass of torch's matmul over every weight a decode step reads: the
-    floor of any implementation built on torch's CPU kernels (no attention, norms or overhead)."""
-    ws, seen = [], set()
-    for name, p in model.named_parameters():
-        untied_embedding = name == "tok_embeddings.weight" and not model.config.tie_embeddings
-        if p.ndim == 2 and p.data_ptr() not in seen and not untied_embedding:  # a step reads B rows of it
-            seen.add(p.data_ptr())
-            ws.append(p.detach())
-    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in ws]
-    best = float("inf")
+def hf_prefill(hf, ids: list[int]) -> float:
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            t = time.perf_counter()
-            for x, w in zip(xs, ws):
-                torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t)
-    return best
+        t = time.perf_counter()
+        hf(torch.tensor([ids]))
+        return len(ids) / (time.perf_counter() - t)
 
 
-def adapted(model: LLaMA, seed: int = 0):
-    """Ours with a K=10, L=30 adaption prompt whose gates are open (one value per layer, so the PEFT
-    export is exact), and the same adapter loaded into transformers + PEFT."""
-    import tempfile
-
-    from peft import PeftModel
-
-    from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, save_adapter
-    from llama_adapter.interop import convert_adapter
-
-    torch.manual_seed(seed)
-    L = min(30, model.config.n_layers)
-    net = AdaptedLLaMA(model, AdapterConfig(adapter_len=10, adapter_layers=L)).eval()
-    with torch.no_grad():
-        net.adapter.prompts.mul_(0.02)  # an output near the base model's, as after training
-        net.adapter.gates.copy_(torch.rand(net.adapter.gates.shape[0], 1).expand_as(net.adapter.gates) * 0.5)
-    hf = None
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        save_adapter(net, f"{d}/ours")
-        convert_adapter(f"{d}/ours", f"{d}/peft", to="peft", base=model.config)  # exact to 1e-7
-        hf = PeftModel.from_pretrained(hf_model(model), f"{d}/peft").eval()
-    return net, hf
+# ------------------------------------------------------------------------------------------- main
+def best(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return max(fn() for _ in range(repeats))
 
 
-def agree(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def prompts(tokenizer_path: str) -> tuple[list[int], list[int]]:
+    tok = load_tokenizer(tokenizer_path)
+    text = render_chat([{"role": "user", "content": PROMPT}], "chatml") if tok.chat_template == "chatml" else PROMPT
+    ids = tok.encode(text, bos=tok.add_bos)
+    alpaca = (HERE.parents[1] / "shared" / "data" / "alpaca" / "alpaca_en_demo.json").read_text()
+    long_ids = tok.encode(alpaca)[:512]
+    return ids, long_ids
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint.load_model spec")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (default 64)")
-    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    ap.add_argument("--dtypes", default="float32,float16", help="comma-separated weight dtypes")
-    ap.add_argument("--compile", action="store_true", help="also time our decode step through torch.compile")
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    ap.add_argument("--no-adapter", action="store_true", help="skip the adapter (PEFT) rows")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per cell; the best is reported")
-    ap.add_argument("--floor-only", action="store_true", help="only time the matmul floor per dtype")
-    ap.add_argument("--write", action="store_true", help="replace the decoding section of benchmarks/results.md")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a GGUF (preset name or path)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--formats", default="keep,q8_0,fp32", help="our --weights values to time")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell after a warm-up; best reported")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--no-adapter", action="store_true")
+    ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/results.md")
     args = ap.parse_args(argv)
-
     torch.set_num_threads(args.threads)
-    from llama_adapter.checkpoint import load_model
-    from llama_adapter.tokenizer import load_tokenizer
-
-    bw = copy_bandwidth()
-    n = args.new_tokens
-    batches = [int(b) for b in args.batch.split(",")]
-    rows, checks, floors = [], [], []
-    ids: list[int] = []
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        log(f"loading {args.model} ({dtype_name})")
-        base = load_model(args.model, dtype=dtype, progress=False).eval()
-        if not ids:
-            ids = prompt_ids(base, load_tokenizer)
-        bound1 = bw / weight_bytes_per_token(base)
-        floors.append(f"{dtype_name} {1 / matmul_floor(base):.1f} tok/s")
-        if args.floor_only:
-            continue
-        kinds = ["base"] + ([] if args.no_adapter else ["adapter"])
-        for kind in kinds:
-            if kind == "base":
-                ours_m = base
+    n, batches = args.new_tokens, [int(b) for b in args.batch.split(",")]
+    source = resolve(args.model)
+    path = source.path
+    ids, long_ids = prompts(str(source.tokenizer))
+    rows: list[tuple[str, int, float, float | None]] = []  # label, batch, decode tok/s, prefill tok/s
+    notes = []
+    ref_tokens: dict[str, list[int]] = {}
+    for fmt in args.formats.split(","):
+        log(f"loading {args.model} with --weights {fmt}")
+        base = load_model(args.model, weights=None if fmt == "fp32" else fmt, progress=False)
+        held = base.config.extra["weights"]
+        for kind in ("base",) + (() if args.no_adapter else ("adapter",)):
+            model = base if kind == "base" else with_adapter(base)
+            label = f"ours {kind}, {held}"
+            pre = best(lambda m=model: ours_prefill(m, long_ids), args.repeats)
+            for b in batches:
+                dec = best(lambda m=model, b=b: ours_decode(m, ids, b, n)[0], args.repeats)
+                rows.append((label, b, dec, pre if b == 1 else None))
+                log(f"  {label} batch {b}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s")
+            ref_tokens[f"{kind} {held}"] = ours_decode(model, ids, 1, n)[1]
+            if kind == "adapter":
+                model.detach_base()
+        if fmt == "fp32" and not args.no_hf:
+            for dtype in (torch.float32, torch.float16):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    hf = None if args.no_hf else hf_model(base)
-            else:
-                ours_m, hf = adapted(base)
-                hf = None if args.no_hf else hf
-            label = f"{kind} {dtype_name}"
-            for compiled in (False, True) if args.compile else (False,):
-                for batch in batches:
-                    if compiled and batch != 1:
-                        continue
-                    log(f"{label}{' compiled' if compiled else ''} batch {batch}: warm-up")
-                    # Compiled: warm up on the timed shapes (cache length included), so no (re)compile is timed.
-                    for _ in range(2 if compiled else 1):
-                        time_ours(ours_m, ids, batch, n if compiled else 4, compiled)
-                    ours = max(time_ours(ours_m, ids, batch, n, compiled)[0] for _ in range(args.repeats))
-                    theirs = None
-                    if hf is not None:
-                        if batch == 1:
-                            time_hf(hf, ids, 4)
-                            theirs = max(time_hf(hf, ids, n)[0] for _ in range(args.repeats))
-                        else:
-                            time_hf_batched(hf, ids, batch, 4)
-                            theirs = max(time_hf_batched(hf, ids, batch, n) for _ in range(args.repeats))
-                    log(f"  ours {ours:.2f} tok/s" + (f", transformers {theirs:.2f} tok/s" if theirs else ""))
-                    rows.append((label + (" compiled" if compiled else ""), batch, ours, theirs, bound1 * batch))
-            if hf is not None:
-                a = time_ours(ours_m, ids, 1, 32, False)[1]
-                b = time_hf(hf, ids, 32)[1]
-                checks.append(f"{label}: greedy outputs agree on {agree(a, b)}/32 tokens")
-            del hf
-
-    c = base.config
-    out = [
-        f"## Decoding speed: {c.name}, {args.threads} threads, {n} new tokens, prompt {len(ids)} tokens\n",
-        f"Copy bandwidth {bw / 1e9:.1f} GB/s; the bound is copy bandwidth / weight bytes per step (x batch). "
-        "Adapter rows: K=10, L=30, ours vs transformers + PEFT AdaptionPrompt with the same values. "
-        "Compiled rows are ours through `torch.compile`, next to transformers in eager mode (best of "
-        f"{args.repeats} runs per cell).\n",
-        "| model | batch | ours tok/s | HF (+PEFT) tok/s | ours / HF | bound tok/s | ours % of bound |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, batch, ours, theirs, bound in rows:
-        t = f"{theirs:.2f}" if theirs else "-"
-        r = f"{ours / theirs:.2f}x" if theirs else "-"
-        out.append(f"| {label} | {batch} | {ours:.2f} | {t} | {r} | {bound:.1f} | {100 * ours / bound:.0f}% |")
-    out.append(
-        "\nMatmul floor (torch's `F.linear` over every weight once at batch 1, nothing else; no implementation "
-        "on torch's CPU kernels decodes faster): " + ", ".join(floors) + "."
-    )
-    if checks:
-        out.append("\nCorrectness: " + "; ".join(checks) + ".")
-    text = "\n".join(out) + "\n"
+                    hf = hf_model(base, dtype)
+                label = f"transformers {str(dtype).removeprefix('torch.')}"
+                pre = best(lambda h=hf: hf_prefill(h, long_ids), args.repeats)
+                for b in batches:
+                    dec = best(lambda h=hf, b=b: hf_decode(h, ids, b, n), args.repeats)
+                    rows.append((label, b, dec, pre if b == 1 else None))
+                    log(f"  {label} batch {b}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s")
+                del hf
+        del base
+    cpp = None
+    if not args.no_llamacpp:
+        if importlib.util.find_spec("llama_cpp") is None:
+            notes.append("llama.cpp column skipped: `pip install llama-cpp-python` (benchmark-only) to add it")
+        else:
+            log("llama.cpp")
+            cpp = llamacpp(path, args.threads, ids, long_ids, n, args.repeats)
+            rows.append(("llama.cpp (llama-cpp-python), GGUF as stored", 1, cpp["decode"], cpp["prefill"]))
+            notes.append("llama.cpp: batch 1 only (llama-cpp-python's generate decodes one sequence)")
+    text = table(args, rows, notes, cpp, ref_tokens, ids, n)
     print(text)
     if args.write:
-        replace_section(Path(__file__).resolve().parent / "results.md", "## Decoding speed", text)
+        replace_section(HERE / "results.md", "## Decoding speed", text)
     return 0
 
 
-def prompt_ids(model: LLaMA, load_tokenizer) -> list[int]:
-    tok_path = model.config.extra.get("tokenizer")
-    if not tok_path:
-        return list(range(1, 13))
-    from llama_adapter.tokenizer import render_chat
+def table(args, rows, notes, cpp, ref_tokens, ids, n) -> str:  # noqa: ANN001
+    cmd = "python benchmarks/generate.py " + " ".join(sys.argv[1:])
+    load = os.getloadavg()[0]
+    lc = cpp["decode"] if cpp else None
+    out = [
+        f"## Decoding speed: {args.model}, {args.threads} threads, prompt {len(ids)} tokens, {n} new tokens\n",
+        f"`{cmd.strip()}` (load average at the end {load:.2f}; best of {args.repeats} runs per cell after a "
+        "warm-up; prefill = a 512-token prompt, batch 1)\n",
+        "| engine, weights | batch | decode tok/s | vs llama.cpp | prefill tok/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, b, dec, pre in rows:
+        vs = f"{dec / lc:.2f}x" if lc else "-"
+        out.append(f"| {label} | {b} | {dec:.1f} | {vs} | {'-' if pre is None else f'{pre:.0f}'} |")
+    if cpp and ref_tokens:
+        agree = {k: _agree(v, cpp["tokens"]) for k, v in ref_tokens.items()}
+        out.append("\nGreedy tokens equal to llama.cpp's (of the first " + str(n) + "): "
+                   + ", ".join(f"{k} {v}" for k, v in agree.items()) + ".")  # fmt: skip
+    out += [f"\n{x}." for x in notes]
+    return "\n".join(out) + "\n"
 
-    tok = load_tokenizer(tok_path)
-    text = PROMPT
-    if tok.chat_template not in ("alpaca", "plain", None):
-        text = render_chat([{"role": "user", "content": PROMPT}], tok.chat_template, add_generation_prompt=True)
-    return tok.encode(text, bos=tok.add_bos)
+
+def _agree(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def replace_section(path: Path, heading: str, text: str) -> None:

@@ -313,7 +313,7 @@ def test_dequantize_matches_gguf_py(qtype):
 
 def test_gguf_unsupported_type_and_architecture(tmp_path):
     write_gguf(random_model(), tmp_path / "i32.gguf", quant=False, norm_type=Q.I32)
-    with pytest.raises(ValueError, match=r"GGUF tensor type I32 is not supported; supported: F32, F16, BF16, Q4_0"):
+    with pytest.raises(ValueError, match=r"has GGUF type I32, which is not supported; supported: F32, F16, BF16, Q4_0"):
         load_model(tmp_path / "i32.gguf")
     write_gguf(random_model(), tmp_path / "phi.gguf", quant=False, arch="phi3")
     with pytest.raises(ValueError, match="GGUF architecture 'phi3' is not supported"):
@@ -335,7 +335,7 @@ def test_smollm2_gguf_config_and_forward(smollm2, smollm2_gguf):
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.hidden_dim) == (576, 30, 9, 3, 49152, 1536)
     assert c.tie_embeddings and c.rope_theta == 100000.0
     assert c.extra == {"source": str(smollm2_gguf), "format": "gguf", "tokenizer": str(smollm2_gguf),
-                       "chat_template": "chatml"}  # fmt: skip
+                       "chat_template": "chatml", "weights": "float32"}  # fmt: skip
     assert torch.isfinite(logits(smollm2, [1, 4093, 198, 1780])).all()
 
 
