@@ -2,6 +2,8 @@
 
     python benchmarks/load_test.py --spawn stories260k --requests 64 --concurrency 16
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --model tiny --requests 32
+    python benchmarks/load_test.py --spawn smollm2-135m-instruct --adapters 64 --requests 64 --concurrency 64 \
+        --max-batch 64 --max-tokens 32 --ignore-eos --temperature 0     # 64 adapters vs one, same server
 
 Prints a markdown table (stdout): p50/p95 latency and time to first token, generated tokens/s
 (server-reported `usage`), the engine's mean batch size, and the error count (should be 0).
@@ -48,7 +50,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 async def one(client: httpx.AsyncClient, args: argparse.Namespace, i: int) -> Result:
     body: dict = {
-        "model": args.model,
+        "model": args.models[i % len(args.models)] if getattr(args, "models", None) else args.model,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "stream": True,
@@ -147,8 +149,30 @@ def report(args: argparse.Namespace, results: list[Result], wall: float, server:
     return "\n".join(out)
 
 
+def random_adapters(spec: str, n: int, out: str) -> dict[str, str]:
+    """n random K=10, L=30 adapters (open gates) for `spec`, saved under `out`: {name: dir}."""
+    import torch
+
+    from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, save_adapter
+    from llama_adapter.checkpoint import load_model
+
+    base = load_model(spec, progress=False)
+    dirs = {}
+    for i in range(n):
+        torch.manual_seed(i)
+        ad = AdaptedLLaMA(base, AdapterConfig(adapter_len=10, adapter_layers=min(30, base.config.n_layers)))
+        with torch.no_grad():
+            ad.adapter.prompts.mul_(0.02)
+            ad.adapter.gates.uniform_(0.0, 0.5)
+        dirs[f"a{i}"] = save_adapter(ad, f"{out}/a{i}", metadata={"template": "plain"}).as_posix()
+        ad.detach_base()
+    return dirs
+
+
 def spawn(args: argparse.Namespace):
     """Start `llama-adapter serve` in this process on a free 127.0.0.1 port."""
+    import tempfile
+
     import torch
     import uvicorn
 
@@ -156,7 +180,9 @@ def spawn(args: argparse.Namespace):
     from llama_adapter.serve import Scheduler, ServeOptions, build_app
 
     torch.set_num_threads(args.threads)
-    engine = Scheduler(load_stack(args.spawn), max_batch=args.max_batch, max_queue=max(64, args.concurrency))
+    adapters = random_adapters(args.spawn, args.adapters, tempfile.mkdtemp()) if args.adapters else None
+    stack = load_stack(args.spawn, adapters, weights=args.weights)
+    engine = Scheduler(stack, max_batch=args.max_batch, max_queue=max(64, args.concurrency))
     args.model = args.model or engine.base_name
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -175,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn", metavar="MODEL", help="start a server for MODEL in this process instead")
     p.add_argument("--max-batch", type=int, default=8, help="engine batch size with --spawn")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads with --spawn")
+    p.add_argument("--weights", default="auto", help="--weights of the spawned server (default: %(default)s)")
+    p.add_argument(
+        "--adapters",
+        type=int,
+        default=0,
+        help="with --spawn: load N random adapters and run the load twice, every request on its own adapter "
+        "(round robin) and every request on the first one; reports both and their ratio",
+    )
     p.add_argument("--model", default=None, help="model/adapter name to request (default: the base)")
     p.add_argument("--requests", "-n", type=int, default=32)
     p.add_argument("--concurrency", "-c", type=int, default=8)
@@ -200,12 +234,31 @@ def main(argv: list[str] | None = None) -> int:
         args.model = httpx.get(args.url + "/health", timeout=10).json()["models"][0]
     print(f"load test: {args.requests} requests, {args.concurrency} concurrent, against {args.url}", file=sys.stderr)
     try:
-        results, wall, srv = asyncio.run(run_load(args))
+        if args.adapters:
+            names = [f"a{i}" for i in range(args.adapters)]
+            args.models = names
+            asyncio.run(run_load(args))  # warm-up
+            mixed = asyncio.run(run_load(args))
+            args.models = names[:1]
+            single = asyncio.run(run_load(args))
+        else:
+            results, wall, srv = asyncio.run(run_load(args))
     finally:
         if server is not None:
             server.should_exit = True
             thread.join(10)
-    print(report(args, results, wall, srv))
+    if args.adapters:
+        rate = [sum(r.tokens for r in res if r.ok) / wall for res, wall, _ in (mixed, single)]
+        print(f"## Serving: {args.adapters} adapters in one batch vs one adapter\n")
+        print(f"`python benchmarks/load_test.py {' '.join(sys.argv[1:])}`\n")
+        print("| requests | tokens/s | mean batch |\n|---|---:|---:|")
+        for label, (_, _, srv), r in zip((f"each on its own adapter (of {args.adapters})", "all on one adapter"),
+                                              (mixed, single), rate):  # fmt: skip
+            print(f"| {label} | {r:.1f} | {srv['mean_batch']:.1f} |")
+        print(f"\nmixed / single: {rate[0] / rate[1]:.3f}")
+        results = mixed[0] + single[0]
+    else:
+        print(report(args, results, wall, srv))
     return 1 if any(not r.ok for r in results) else 0
 
 
