@@ -205,7 +205,7 @@ def grad_table(args: argparse.Namespace) -> None:
             fns = grad_methods(w, layer, wt, fb_t, m)
             extra = {
                 "fp32 mm (fp32 weight)": f"{4 * n * k / 1e6:.1f} MB (the fp32 weight itself)",
-                "ours: dequantize chunks + MKL": f"{min(n, max(64, 128 * 1024 // k)) * k * 4 / 1e6:.2f} MB transient",
+                "ours: dequantize chunks + MKL": f"{min(n, max(256, 128 * 1024 // k)) * k * 4 / 1e6:.2f} MB transient",
                 "transposed q8_0 copy, packed int8 kernel": f"+{wt.weight.numel() / 1e6:.1f} MB resident",
                 "transposed q8_0 copy, dequantize + MKL": f"+{wt.weight.numel() / 1e6:.1f} MB resident",
                 "fbgemm, transposed int8 copy": f"+{n * k / 1e6:.1f} MB resident",

@@ -288,6 +288,38 @@ def test_x8_layout_computes_what_the_gguf_layout_does(fmt: str) -> None:
     assert torch.equal(fused(x.detach())[:, :104], x8(x.detach()))
 
 
+def _cpu_ticks_per_thread() -> dict[str, int]:
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[tid] = int(fields[11]) + int(fields[12])
+    return out
+
+
+@kernels
+@pytest.mark.skipif(not Path("/proc/self/task").exists() or (os.cpu_count() or 1) < 2, reason="Linux, 2+ cores")
+def test_kernels_run_on_torchs_threads() -> None:
+    """at::parallel_for only parallelises when the extension is built with -fopenmp (it silently ran on one
+    thread before); it must then use torch's OpenMP runtime, not a second one."""
+    layer = QuantLinear.from_float(torch.randn(8192, 1024), "q4_1")
+    x = torch.randn(64, 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer(x)
+        before = _cpu_ticks_per_thread()
+        for _ in range(20):
+            layer(x)
+        after = _cpu_ticks_per_thread()
+    finally:
+        torch.set_num_threads(threads)
+    busy = [tid for tid in after if after[tid] - before.get(tid, 0) > 0]
+    assert len(busy) >= 2, "the kernels ran on one thread"
+    # our libgomp.so.1 dependency resolved to the copy torch loaded, not to the compiler's own
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line}
+    assert not any(path.startswith("/usr/") for path in runtimes), runtimes
+
+
 @kernels
 def test_cat_along_out_features_equals_separate_layers() -> None:
     torch.manual_seed(3)

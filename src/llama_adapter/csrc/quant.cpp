@@ -945,7 +945,11 @@ at::Tensor linear_grad(const at::Tensor& gy_, const at::Tensor& w, int64_t fmt, 
   const int64_t row_bytes = check_w(w, fmt, K);
   at::Tensor gx = at::zeros({M, K}, gy.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int64_t NC = std::min<int64_t>(N, std::max<int64_t>(64, (128 * 1024 / K + 15) / 16 * 16));
+#ifndef QGRAD
+#define QGRAD 256
+#endif
+  // The chunk's rows are this GEMM's inner dimension: 64 starved MKL (30% slower than fp32), 256 matches fp32.
+  const int64_t NC = std::min<int64_t>(N, std::max<int64_t>(QGRAD, (128 * 1024 / K + 15) / 16 * 16));
   at::Tensor buf = at::empty({NC, K}, gy.options());
   for (int64_t n0 = 0; n0 < N; n0 += NC) {
     const int64_t nc = std::min(NC, N - n0);

@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 NAMESPACE = "llama_adapter_quant"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [CSRC / "quant.cpp", CSRC / "convert.cpp"]
-# -ffp-contract=off: conversions must round a*b+c twice, like numpy/torch, to stay bit-exact with them
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-DNDEBUG"]
+# -ffp-contract=off: conversions must round a*b+c twice, like numpy/torch, to stay bit-exact with them.
+# -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` is compiled here; without the
+# flag it silently runs on one thread. The libgomp.so.1 it links resolves, by soname, to the copy torch has
+# already loaded, so torch and the kernels share one OpenMP runtime and one thread pool.
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
+LDFLAGS = ["-fopenmp"]
 NO_EXT_ENV = "LLAMA_ADAPTER_NO_EXT"
 CACHE_ENV = "LLAMA_ADAPTER_CACHE"
 
@@ -46,7 +50,7 @@ def cache_dir() -> Path:
 
 def _build_hash() -> str:
     h = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
-    for part in (*CFLAGS, torch.__version__, platform.python_version(), platform.machine()):
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.python_version(), platform.machine()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -111,6 +115,7 @@ def _build_and_load() -> None:
                     name=name,
                     sources=[str(src) for src in SOURCES],
                     extra_cflags=CFLAGS,
+                    extra_ldflags=LDFLAGS,
                     build_directory=str(build),
                     is_python_module=False,
                     verbose=False,

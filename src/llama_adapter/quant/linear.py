@@ -2,7 +2,8 @@
 
 `activations` picks the numerics, the number of rows M = x.numel() / in_features picks the kernel (C++):
   activations="q8" (default; x quantized to 8 bits per 32-block, as llama.cpp does: ~0.3% relative error)
-    "rows"    M < PACKED_MIN_ROWS: RM x RN tiles of GGUF blocks (decode: 4 weight rows per pass at M = 1)
+    "rows"    M < PACKED_MIN_ROWS: GGUF blocks as they lie (M = 1: one prefetched row stream per thread;
+              M = 2, 3: 4 x 2 register tiles)
     "packed"  M >= PACKED_MIN_ROWS: each 8-row weight tile is re-laid out once per call so that 8 rows share
               every instruction; ~2x fp32 MKL's GOP/s from M = 8 up (batched decode, prefill, training)
   activations="fp32" (x exact; results equal F.linear(x, dequantize(W)) up to fp32 summation order)
@@ -11,11 +12,13 @@
 Without the extension every kernel is the torch reference: F.linear(x, dequantize(W)).
 
 `layout="x8"` keeps the same bytes with 8 rows interleaved per block (what "packed" builds per call, built once):
-decode and batched decode read it directly (M < X8_PACKED_MIN_ROWS: ~1.2x at M = 1 for q4_0, 1.3-2x at M = 2-16),
-at the price of the GGUF file's bytes no longer being the weight (a copy at load instead of a mmap view).
+decode and batched decode read it directly (M < X8_PACKED_MIN_ROWS; one SmolLM2 decode step's matmuls: ~1.2x
+at batch 1, ~2x at batch 8), at the price of the GGUF file's bytes no longer being the weight (a copy at load
+instead of a mmap view). Recommended for inference; "gguf" stays the default as the interchange layout.
 
-The input gradient (training through a frozen base) is grad_y @ W with W dequantized ~512 KB at a time and
-multiplied with MKL: no second copy of the weights (benchmarks/kernels.py --grad measures the alternatives).
+The input gradient (training through a frozen base) is grad_y @ W with W dequantized >= 256 rows at a time and
+multiplied with MKL (fp32 speed, no second copy); keep_transposed_copy() trades +1.06 bytes per weight for the
+int8 kernels (benchmarks/kernels.py --grad measures the options, fbgemm included).
 """
 
 from __future__ import annotations
