@@ -142,10 +142,11 @@ class AdaptedAttention(Attention):
         """Prompts through this layer's frozen K/V projections: no RoPE, no norm (as official).
         `dtype`: the activations' (the projections may hold packed integer weights)."""
         B, K, _ = prompt.shape
-        w = self.wk.weight
+        w = self.wo.weight
         prompt = prompt.to(dtype or (w.dtype if w.is_floating_point() else torch.float32))
-        k = self.wk(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(prompt).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        _, k, v = self.project(prompt)  # q of K prompt vectors is waste, but only when wq/wk/wv are fused
+        k = k.view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:

@@ -322,6 +322,8 @@ def load_stack(
         ad = load_adapter(base, path).to(dtype).eval()
         t = resolve_template(explicit, tok, metas[name], purpose)
         loaded[name] = LoadedAdapter(name, ad, metas[name], t, str(path), weights_override=image_encoder_weights)
+    if purpose != "instruct" and not any(_changes_base(m.get("adapter") or {}) for m in metas.values()):
+        base.fuse_projections()  # inference: q/k/v and gate/up as one matmul each
     name = Path(model).stem if os.sep in model or model.endswith((".bin", ".gguf")) else model
     return Stack(base.eval(), tok, resolve_template(template, tok, None, purpose), name, loaded)
 

@@ -182,14 +182,30 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None, ctx: Any) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *at.rope), apply_rope(k, *at.rope)
         if cache is not None:
             k, v = cache.update(at.start, k, v, at.kv_len)
         y = self.attend(q, k, v, at, ctx)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of x (one matmul once `fuse` has run)."""
+        wqkv = getattr(self, "wqkv", None)
+        if wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        nq, nk = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return wqkv(x).split([nq, nk, nk], dim=-1)
+
+    def fuse(self) -> None:
+        """Inference only: wq, wk and wv become one `wqkv` (one call and one pass over x per token, which
+        is what the packed CPU kernels are bound by). The state dict then holds `wqkv`, so checkpoints are
+        written before fusing, never after."""
+        self.wqkv = fuse_linears([self.wq, self.wk, self.wv])
+        del self.wq, self.wk, self.wv
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: Positions, ctx: Any) -> torch.Tensor:
         """The adapter seam: q [B, H, T, hd], k/v [B, Hkv, S, hd] -> [B, H, T, hd]."""
@@ -221,7 +237,30 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        w13 = getattr(self, "w13", None)
+        if w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+    def fuse(self) -> None:
+        """Inference only: the gate and up projections (w1, w3) become one `w13` (see Attention.fuse)."""
+        self.w13 = fuse_linears([self.w1, self.w3])
+        del self.w1, self.w3
+
+
+def fuse_linears(mods: list[nn.Module]) -> nn.Module:
+    """One frozen linear computing `mods` side by side (outputs concatenated in order). Packed layers
+    (quant.QuantLinear) bring their own `cat`; plain ones are concatenated here."""
+    cat = getattr(type(mods[0]), "cat", None)
+    if cat is not None and all(type(m) is type(mods[0]) for m in mods):
+        return cat(mods)
+    if not all(type(m) is nn.Linear and m.bias is None for m in mods):
+        raise ValueError(f"cannot fuse {', '.join(type(m).__name__ for m in mods)}: mixed or wrapped layers")
+    w = torch.cat([m.weight.detach() for m in mods])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w, requires_grad=False)
+    return out
 
 
 class Block(nn.Module):
@@ -361,6 +400,12 @@ class LLaMA(nn.Module):
         # Shaped and cast once here rather than in each of the 2 * n_layers `apply_rope` calls.
         rope = tuple(t[:, None].to(dtype) for t in rope_cos_sin(self.inv_freq, pos))
         return Positions(rope, mask, start, end)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up in every layer (inference; see Attention.fuse)."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
 
     def first_trainable_layer(self) -> int:
         if self.tok_embeddings.weight.requires_grad:

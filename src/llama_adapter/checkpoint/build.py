@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..model import LLaMA, rope_frequencies
-from ..quant import FORMATS, QuantEmbedding, QuantLinear, quantize
+from ..quant import FORMATS, QuantEmbedding, QuantLinear, convert_layout, quantize
 from .common import ModelSource
 from .keymaps import KeyMap, interleaved_to_half
 
@@ -155,6 +155,10 @@ def _place_packed(model: LLaMA, packs: dict[str, tuple[torch.Tensor, str]], conf
         packs["output.weight"] = packs.pop("tok_embeddings.weight")
     for ours, (t, fmt) in packs.items():
         parent, _, child = ours.rsplit(".", 1)[0].rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(t.contiguous(), fmt))
+        # 8 rows interleaved per block: the same bytes, read 1.2-2x faster by the kernels (a copy of the
+        # file's tensor rather than a view of the mapped file)
+        layout = "x8" if t.shape[0] % 8 == 0 else "gguf"
+        packed = convert_layout(t.contiguous(), fmt, "gguf", layout)
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(packed, fmt, layout=layout))
     if config.tie_embeddings and "output.weight" in packs:
         model.tok_embeddings = QuantEmbedding.tied_to(model.output)
