@@ -155,6 +155,19 @@ def hf_prefill(hf, ids: list[int]) -> float:
 
 
 # ------------------------------------------------------------------------------------------- main
+def hf_rows(base: LLaMA, args, ids, long_ids, batches, n, rows) -> None:  # noqa: ANN001
+    for dtype in (torch.float32, torch.float16):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = hf_model(base, dtype)
+        label = f"transformers {str(dtype).removeprefix('torch.')}"
+        pre = best(lambda h=hf: hf_prefill(h, long_ids), args.repeats)
+        for b in batches:
+            dec = best(lambda h=hf, b=b: hf_decode(h, ids, b, n), args.repeats)
+            rows.append((label, b, dec, pre if b == 1 else None))
+            log(f"  {label} batch {b}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s")
+
+
 def best(fn, repeats: int) -> float:
     fn()  # warm-up
     return max(fn() for _ in range(repeats))
@@ -193,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     for fmt in args.formats.split(","):
         log(f"loading {args.model} with --weights {fmt}")
         base = load_model(args.model, weights=None if fmt == "fp32" else fmt, progress=False)
+        if fmt == "fp32" and not args.no_hf:
+            hf_rows(base, args, ids, long_ids, batches, n, rows)  # transformers from the same (unfused) weights
+        base.fuse_projections()  # as `load_stack` does for generation
         held = base.config.extra["weights"]
         for kind in ("base",) + (() if args.no_adapter else ("adapter",)):
             model = base if kind == "base" else with_adapter(base)
@@ -205,18 +221,6 @@ def main(argv: list[str] | None = None) -> int:
             ref_tokens[f"{kind} {held}"] = ours_decode(model, ids, 1, n)[1]
             if kind == "adapter":
                 model.detach_base()
-        if fmt == "fp32" and not args.no_hf:
-            for dtype in (torch.float32, torch.float16):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    hf = hf_model(base, dtype)
-                label = f"transformers {str(dtype).removeprefix('torch.')}"
-                pre = best(lambda h=hf: hf_prefill(h, long_ids), args.repeats)
-                for b in batches:
-                    dec = best(lambda h=hf, b=b: hf_decode(h, ids, b, n), args.repeats)
-                    rows.append((label, b, dec, pre if b == 1 else None))
-                    log(f"  {label} batch {b}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s")
-                del hf
         del base
     cpp = None
     if not args.no_llamacpp:

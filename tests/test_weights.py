@@ -139,3 +139,34 @@ def test_weights_flag_reaches_the_cli(capsys):
     assert rc == 0 and "Lily" in capsys.readouterr().out
     stack = load_stack(str(STORIES), weights="fp16")
     assert stack.model.dtype == torch.float16
+
+
+def test_fused_projections_compute_the_same():
+    """Inference fuses q/k/v and gate/up into one matmul each: same logits (float and packed), and an
+    adapter's prompt K/V come out of the fused projection unchanged."""
+    from helpers import tiny_llama
+
+    model = tiny_llama(n_layers=2)
+    ad = AdaptedLLaMA(model, AdapterConfig(adapter_len=3, adapter_layers=2))
+    with torch.no_grad():
+        ad.adapter.gates.uniform_(0.5, 1.0)
+    idx = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_base, want_ad = model(idx), ad(idx)
+        kv = ad.model.layers[1].attention.prompt_kv(ad.adapter.layer_prompts()[1][None])
+        model.fuse_projections()
+        assert not hasattr(model.layers[0].attention, "wq") and hasattr(model.layers[0].feed_forward, "w13")
+        torch.testing.assert_close(model(idx), want_base, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ad(idx), want_ad, atol=1e-6, rtol=1e-5)
+        got = ad.model.layers[1].attention.prompt_kv(ad.adapter.layer_prompts()[1][None])
+        torch.testing.assert_close(got, kv, atol=1e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_fused_packed_model_generates_what_the_unfused_one_does():
+    a = load_model(STORIES, weights="q8_0", progress=False)
+    b = load_model(STORIES, weights="q8_0", progress=False)
+    b.fuse_projections()
+    p, params = [1, 403, 407, 261, 378], SamplingParams(max_new_tokens=30)
+    assert generate(b, [p], params) == generate(a, [p], params)
+    assert type(b.layers[0].attention.wqkv).__name__ == "QuantLinear"
