@@ -147,7 +147,9 @@ def test_zero_init_every_modality_equals_the_frozen_model(env, bind):
 
 def test_mixed_batch_rows_equal_each_row_alone(env):
     for name in ("all", "bind"):
-        stack = load_stack("stories260k", {name: str(env[name])})
+        # fp32 weights: 8-bit activations round differently when an input's encoder differs by 1e-7
+        # between a batch and a single row, which is not what this test is about
+        stack = load_stack("stories260k", {name: str(env[name])}, weights="fp32")
         a = stack.adapters[name]
         inputs = [read_input("points", env["cloud"]), None, read_input("video", env["clip"]),
                   read_input("image", env["img"]), read_input("points", env["cloud2"])]  # fmt: skip
