@@ -130,7 +130,7 @@ def build() -> str:
         "",
     ]
     for title in order:
-        rows = sorted(set(sections.get(title, [])), key=lambda r: (r[0], r[1].lower()))
+        rows = sorted(set(sections.get(title, [])), key=lambda r: (r[0], r[1].lower(), r[1], r[2]))
         if not rows:
             continue
         lines += [f"## {title}", ""]
