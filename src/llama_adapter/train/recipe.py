@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..adapter import AdaptedLLaMA, count_trainable, param_groups, save_adapter
+from ..adapter import AdaptedLLaMA, count_trainable, no_weight_decay, save_adapter
 from ..checkpoint import load_model
 from ..data import (
     InstructionDataset,
@@ -165,7 +165,7 @@ class Recipe:
 
     def use(
         self,
-        model: AdaptedLLaMA,
+        model: torch.nn.Module,
         train_items: Sequence[Any],
         val_items: Sequence[Any],
         *,
@@ -188,7 +188,7 @@ class Recipe:
         random.seed(args.seed)
         self.trainable = self.par.wrap(self.model)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, args.weight_decay), lr=self.schedule.lr, betas=(0.9, 0.95)
+            trainable_groups(self.model, args.weight_decay), lr=self.schedule.lr, betas=(0.9, 0.95)
         )
         self.val_batches = [self.batch([self.val_items[i] for i in b]) for b in self._val_order()]
         s = self.schedule
@@ -451,7 +451,7 @@ def finetune(args: TrainArgs) -> FitResult:
 
 
 def fit(
-    model: AdaptedLLaMA,
+    model: torch.nn.Module,
     train_items: Sequence[Any],
     val_items: Sequence[Any],
     args: TrainArgs,
@@ -463,7 +463,8 @@ def fit(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train the trainable parameters of `model` on encoded items (each with input_ids/labels);
+    """Train the parameters of `model` that require grad (an AdaptedLLaMA's adapter, or e.g. every
+    weight of a plain LLaMA for full fine-tuning) on encoded items (each with input_ids/labels);
     `out` (optional) receives checkpoints, metrics.csv and loss.png; `parallel` is this process's
     place in a distributed run (distributed.setup_distributed), by default a single process."""
     args.check_options(parallel.world_size if parallel else 1)
@@ -472,6 +473,17 @@ def fit(
     recipe.setup_optimizer()
     recipe.resume()
     return recipe.train()
+
+
+def trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups over the parameters that require grad: an adapter's (`mark_trainable` sets them
+    by THE predicate, so these are the saved ones), or any other model's (full fine-tuning, LoRA:
+    `fit` trains those too). Gates, norms, biases and scales are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def load_base(args: TrainArgs) -> Any:
