@@ -107,8 +107,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from llama_adapter.data import batch_indices, collate
     from llama_adapter.tokenizer import load_tokenizer
-    from llama_adapter.train import TrainArgs
-    from llama_adapter.train.recipe import load_base
+    from llama_adapter.train import TrainArgs, load_base
 
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(0)
@@ -310,8 +309,7 @@ def profile(threads: int, layers: int, top: int) -> list[str]:
     from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
     from llama_adapter.data import collate_packed, packed_steps
     from llama_adapter.tokenizer import load_tokenizer
-    from llama_adapter.train import TrainArgs, token_loss_sum
-    from llama_adapter.train.recipe import load_base, trainable_groups
+    from llama_adapter.train import TrainArgs, load_base, token_loss_sum, trainable_groups
 
     torch.set_num_threads(threads)
     model = load_base(TrainArgs(model=MODEL))

@@ -180,7 +180,8 @@ class Recipe:
         self.metadata = metadata or {}
 
     def setup_optimizer(self) -> None:
-        """Schedule, DDP/FSDP wrapping, AdamW over the adapter (no decay on gates, norms, biases)."""
+        """Schedule, DDP/FSDP wrapping, AdamW over what requires grad (no decay on gates, norms, biases),
+        the held-out batches."""
         args = self.args
         self.lengths = [len(it.input_ids) for it in self.train_items]
         self.schedule = Schedule.plan(args, self.lengths, self.par.world_size)
@@ -257,10 +258,12 @@ class Recipe:
         if had != s.step_tokens:
             then = f"packed steps of {had} tokens" if had else "padded batches"
             now = f"packed steps of {s.step_tokens} tokens" if s.step_tokens else "padded batches"
-            fix = f"--batch-tokens {had}" if had and s.step_tokens else "--no-pack" if not had else "no --no-pack"
+            fix = "without --no-pack" if had else "with --no-pack"
+            if had and s.step_tokens:
+                fix = f"with --batch-tokens {had}"
             raise ValueError(
                 f"--resume: the checkpoint was trained with {then}, this run has {now}, so step "
-                f"{state['step']} would see other data; resume with {fix}"
+                f"{state['step']} would see other data; resume {fix}"
             )
 
     # -------------------------------------------------------------------------------------- loop
