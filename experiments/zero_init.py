@@ -1,100 +1,81 @@
 """Zero-init vs random-init gates (paper: 84.04 vs 40.77 ScienceQA val accuracy).
 
-Same seed, same data, same prompts init; only the gate's starting value differs: 0 (the paper's
-zero-init attention) or tanh(N(0, 1)) per head ("random init"). Plots train and held-out loss
-curves in one figure; reports final held-out loss and Alpaca-MC accuracy, plus the frozen base.
+Same data, schedule and prompt init per seed; only the gate's starting value differs: 0 (the paper's
+zero-init attention) or tanh(N(0, 1)) per head ("random init"). Held-out loss curves (mean over seeds)
+in one figure; final held-out loss and Alpaca-MC accuracy, mean +- std and per seed, plus the frozen base.
 
     .venv/bin/python experiments/zero_init.py [--quick]
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import common as C
-import torch
 
-from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig, count_trainable
 
-LR = 1e-2
+def plan(s: C.Setup) -> list[C.Run]:
+    return [s.run(gate=g, seed=k) for g in ("zero", "random") for k in s.seeds]
 
 
 def main() -> None:
-    args = C.parser(__doc__).parse_args()
-    torch.set_num_threads(args.threads)
-    s = C.Setup.for_args(args)
-    base, tok, template = C.load_base(args.model)
-    data = C.make_data(tok, template, s)
-    C.log(f"data: {len(data.train)} train, {len(data.val)} val, {len(data.mc)} MC (pool {data.n_pool})")
-    base_acc = C.mc_accuracy(base, tok, data.mc, template)
-    steps_per_epoch = len(data.train) // s.batch_size
-    runs, rows = {}, []
-    for name, gate in (("zero-init gate", "zero"), ("random-init gate", "random")):
-        torch.manual_seed(0)
-        m = AdaptedLLaMA(base, AdapterConfig(adapter_len=10, adapter_layers=min(30, base.config.n_layers)))
-        if gate == "random":
-            with torch.no_grad():
-                g = torch.Generator().manual_seed(1)
-                m.adapter.gates.copy_(torch.randn(m.adapter.gates.shape, generator=g))
-        res, secs = C.train(m, data, s, tok.pad_id, lr=LR, eval_every=max(1, steps_per_epoch // 2))
-        acc = C.mc_accuracy(m, tok, data.mc, template)
-        gates = m.adapter.activated_gates().detach()
-        runs[name] = {
-            "train": res.train_losses,
-            "val": res.val_losses,
-            "mc_acc": acc,
-            "seconds": secs,
-            "mean_abs_gate": gates.abs().mean().item(),
-            "trainable": count_trainable(m),
-        }
+    s = C.Setup.for_args(C.parser(__doc__).parse_args())
+    results = C.run_all(plan(s), s.out)
+    base = C.base_scores(s)
+    groups = C.grouped(results)
+    rows = [["frozen base (no adapter)", f"{base['val']:.4f}", "", "", f"{100 * base['mc_acc']:.1f}", "", ""]]
+    for name, rs in groups.items():
         rows.append(
             [
-                name,
-                res.val_losses[0][1],
-                res.val_losses[-1][1],
-                res.train_losses[-1],
-                100 * acc,
-                gates.abs().mean().item(),
-                round(secs),
+                "zero-init gates" if "random" not in name else "random-init gates",
+                C.pm([r["val0"] for r in rs]),
+                C.pm([r["val"] for r in rs]),
+                C.per_seed([r["val"] for r in rs]),
+                C.pm([r["mc_acc"] for r in rs], 1, 100),
+                C.per_seed([r["mc_acc"] for r in rs], 1, 100),
+                C.pm([r["train_s"] for r in rs], 0),
             ]
         )
-        m.detach_base()
-    rows.insert(0, ["frozen base (no adapter)", rows[0][1], rows[0][1], "", 100 * base_acc, "", ""])
-
-    plt = C.plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (name, r), color in zip(runs.items(), ("tab:blue", "tab:red")):
-        ax.plot(range(1, len(r["train"]) + 1), r["train"], color=color, alpha=0.45, label=f"{name}: train")
-        ax.plot(*zip(*r["val"]), "o-", color=color, label=f"{name}: held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (response tokens)")
-    ax.set_title("Zero-init vs random-init gates (SmolLM2-135M, L=30, K=10)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "zero_init_loss.png", dpi=110)
-
     body = C.md_table(
         [
             "run",
             "held-out loss @0",
             "held-out loss final",
-            "train loss last step",
+            "per seed",
             "Alpaca-MC acc %",
-            "mean abs tanh(gate)",
+            "per seed",
             "train s",
         ],
         rows,
     )
+    first = results[0]
     body += (
-        f"\nlr {LR}, {s.epochs:g} epochs ({len(runs['zero-init gate']['train'])} steps), warm-up 2 steps "
-        f"then cosine; random gates: N(0,1) drawn with seed 1. Loss curves: `zero_init_loss.png`.\n"
+        f"\nlr {first['lr']:g}, {first['steps']} steps ({first['steps_per_epoch']} an epoch), 10% warm-up then "
+        "cosine; random gates: N(0, 1) drawn with seed 1000 + seed. Loss curves: `zero_init_loss.png`.\n"
     )
-    C.write_result(
-        out, "zero_init", "Zero-init vs random-init gating", s, data, body, {"runs": runs, "base_mc_acc": base_acc}
-    )
+    body += C.estimate(results, plan(C.full_setup(s))) if s.quick else ""
+    plot(groups, s)
+    C.write_result(s, "zero_init", "Zero-init vs random-init gating", body, {"results": results, "base": base})
+
+
+def plot(groups: dict[str, list[dict]], s: C.Setup) -> None:
+    plt = C.plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (name, rs), color in zip(groups.items(), ("tab:blue", "tab:red")):
+        steps = [st for st, _ in rs[0]["val_curve"]]
+        curves = [[v for _, v in r["val_curve"]] for r in rs]
+        mean = [C.mean_std(list(col))[0] for col in zip(*curves)]
+        std = [C.mean_std(list(col))[1] for col in zip(*curves)]
+        ax.plot(steps, mean, "o-", color=color, label=f"{name}: held-out (mean of {len(rs)} seeds)")
+        ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                        color=color, alpha=0.2)  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (response tokens)")
+    ax.set_yscale("log")
+    ax.set_title("Zero-init vs random-init gates (SmolLM2-135M, L=30, K=10)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    s.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(s.out / "zero_init_loss.png", dpi=110)
 
 
 if __name__ == "__main__":

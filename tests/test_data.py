@@ -11,10 +11,14 @@ from llama_adapter.data import (
     InstructionDataset,
     batch_indices,
     collate,
+    collate_packed,
     encode_example,
     file_has_images,
     iterate_batches,
     load_examples,
+    pack_bins,
+    packed_steps,
+    pad_fraction,
     split_holdout,
     split_paths,
     target_count,
@@ -251,3 +255,71 @@ def test_a_directory_is_not_a_data_file(tmp_path):
 def test_target_count_counts_the_tokens_that_carry_loss():
     # the loss at position t predicts labels[t + 1]: the first label never counts
     assert target_count({"input_ids": [1, 2, 3, 4], "labels": [5, IGNORE_INDEX, 7, 8]}) == 2
+
+
+def test_pack_bins_balanced_deterministic_and_reshuffled_every_epoch():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(40, 600) for _ in range(1000)]
+    n = sum(lengths) // 2048 + 1
+    a = pack_bins(lengths, n, seed=3, epoch=1)
+    assert a == pack_bins(lengths, n, seed=3, epoch=1) and len(a) == n
+    assert sorted(i for b in a for i in b) == list(range(1000)) and all(b == sorted(b) for b in a)
+    loads = [sum(lengths[i] for i in b) for b in a]
+    mean = sum(lengths) / n
+    assert max(loads) < 1.05 * mean and min(loads) > 0.95 * mean, (min(loads), max(loads), mean)
+    # which examples share a bin changes from epoch to epoch (about as often as at random)
+    where = {i: k for k, b in enumerate(pack_bins(lengths, n, seed=3, epoch=2)) for i in b}
+    pairs = [(x, y) for b in a for j, x in enumerate(b) for y in b[j + 1 :]]
+    assert sum(where[x] == where[y] for x, y in pairs) / len(pairs) < 0.05
+    assert sorted(map(len, pack_bins([5, 3], 4))) == [0, 0, 1, 1]  # more bins than items: some stay empty
+
+
+def test_packed_steps_do_not_depend_on_the_micro_split():
+    lengths = [7, 30, 12, 5, 22, 9, 14, 3, 40, 11, 8, 19]
+    one = packed_steps(lengths, 3, 1, seed=0, epoch=0)
+    four = packed_steps(lengths, 3, 4, seed=0, epoch=0)
+    assert [sorted(i for mb in s for i in mb) for s in one] == [sorted(i for mb in s for i in mb) for s in four]
+    assert all(len(s) == 4 for s in four) and all(len(s) == 1 for s in one)
+    for s in four:  # micro-batches of a step about equal in tokens: longest first, to the lightest
+        loads = [sum(lengths[i] for i in mb) for mb in s]
+        assert max(loads) - min(loads) <= max(lengths[i] for mb in s for i in mb)
+
+
+def test_collate_packed_layout():
+    items = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+        {"input_ids": [4, 5], "labels": [4, 5]},  # a first label is never a target: masked when packed
+        {"input_ids": [6, 7, 8, 9], "labels": [-100, -100, 8, 9]},
+    ]
+    b = collate_packed([items[:2], items[2:]], pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert b["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, -100, 8, 9, -100]]
+    assert b["packing"].spans == [[(0, 3), (3, 5)], [(0, 4)]] and b["lengths"].tolist() == [3, 2, 4]
+    assert abs(pad_fraction(b) - 0.1) < 1e-9 and "visual" not in b
+    one = collate_packed([items], pad_id=0)
+    assert one["input_ids"].shape == (1, 9) and pad_fraction(one) == 0
+    # per-example image features in model order (row by row); text examples get zeros
+    feats = [dict(it, visual=torch.full((3,), float(j)), has_image=True) for j, it in enumerate(items)]
+    feats[1] = items[1]
+    b = collate_packed([feats[:2], feats[2:]], pad_id=0)
+    assert b["has_image"].tolist() == [True, False, True] and b["visual"][:, 0].tolist() == [0.0, 0.0, 2.0]
+
+
+def test_packed_demo_epoch_has_no_padding_and_every_example_once(smollm, examples):
+    """The Alpaca demo at ~2,048 tokens a step: every micro-batch is one row without a pad slot
+    (length-grouped padded batches of 10 still pad, random ones ~40%), and the epoch covers each
+    example exactly once (padded batches drop the last incomplete one)."""
+    ds = InstructionDataset(examples, smollm, "chatml", 8192)
+    assert ds.n_truncated == 0
+    lengths = ds.lengths
+    n_steps = -(-sum(lengths) // 2048)
+    steps = packed_steps(lengths, n_steps, 1, seed=0, epoch=0)
+    assert sorted(i for s in steps for mb in s for i in mb) == list(range(len(ds)))
+    pads = [pad_fraction(collate_packed([[ds[i] for i in mb]], smollm.pad_id)) for s in steps for mb in s]
+    assert max(pads) == 0
+    tokens = [sum(lengths[i] for i in s[0]) for s in steps]
+    assert max(tokens) < 2048 * 1.05 and min(tokens) > 2048 * 0.9
+    grouped = [collate([ds[i] for i in b], smollm.pad_id) for b in batch_indices(lengths, 10, seed=0)]
+    assert sum(pad_fraction(b) * b["input_ids"].numel() for b in grouped) > 0

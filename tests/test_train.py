@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,16 @@ def test_finetune_lowers_loss_and_changes_only_adapter(tmp_path):
     assert model.adapter.gates.abs().sum() > 0
 
 
-def test_resume_continues_the_same_loss_curve(tmp_path):
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
+def test_resume_continues_the_same_loss_curve(tmp_path, pack):
     data = small_dataset(tmp_path)
-    full = finetune(args_for(tmp_path / "a", data))
-    finetune(args_for(tmp_path / "b", data, max_steps=7))
+    full = finetune(args_for(tmp_path / "a", data, pack=pack))
+    finetune(args_for(tmp_path / "b", data, max_steps=7, pack=pack))
     with pytest.raises(ValueError, match="--resume"):
-        finetune(args_for(tmp_path / "b", data))
-    resumed = finetune(args_for(tmp_path / "b", data, resume=True))
+        finetune(args_for(tmp_path / "b", data, pack=pack))
+    with pytest.raises(ValueError, match="trained with (padded batches|packed steps of [0-9]+ tokens), this run"):
+        finetune(args_for(tmp_path / "b", data, pack=not pack, resume=True))
+    resumed = finetune(args_for(tmp_path / "b", data, resume=True, pack=pack))
     rows = [r for r in read_metrics(tmp_path / "b" / "run") if r["loss"]]
     losses = [float(r["loss"]) for r in rows]
     assert [int(r["step"]) for r in rows] == list(range(1, 17))
@@ -344,8 +348,9 @@ def test_finetune_argv_round_trips():
         data="a.json,b.jsonl", adapter_layers=3, bias_scale=True, lr=1e-3, max_steps=7, overwrite=True,
         visual_layers=2, image_encoder="efficientnet-lite0", clip_grad=0.5, devices=2, template="chatml",
     )  # fmt: skip
-    ns = _parser().parse_args(_finetune_argv(targs, verbose=False))
-    assert TrainArgs(**{f: getattr(ns, f) for f in targs.__dict__ if hasattr(ns, f)}) == targs
+    for t in (targs, replace(targs, pack=False), replace(targs, batch_tokens=4096, max_len=300)):
+        ns = _parser().parse_args(_finetune_argv(t, verbose=False))
+        assert TrainArgs(**{f: getattr(ns, f) for f in t.__dict__ if hasattr(ns, f)}) == t
 
 
 # ------------------------------------------------------- bad input and safe resume (issue 18)
@@ -450,6 +455,8 @@ BAD_FLAGS = [
     (["--template", "llama3"], "--template 'llama3': choose auto or one of alpaca, chatml, plain"),
     (["--image-encoder", "resnet"], "--image-encoder 'resnet': choose one of efficientnet-lite0"),
     (["--strategy", "zero3"], "--strategy 'zero3': choose one of ddp, fsdp"),
+    (["--batch-tokens", "0"], "--batch-tokens 0: must be >= 1"),
+    (["--no-pack", "--batch-tokens", "2048"], "--batch-tokens sets the size of packed steps"),
     (["--adapter-layers", "0"], "--adapter-layers 0: must be >= 1"),
     (["--adapter-len", "0"], "--adapter-len=0: need at least one prompt vector"),
     (["--resume", "--overwrite"], "give one of them"),
@@ -562,3 +569,32 @@ def test_kill_9_anywhere_then_resume_gives_the_same_curve(tmp_path, quick_data, 
         run_killed_then_resumed(tmp_path, quick_data, fault_env(LLAMA_ADAPTER_TEST_KILL_AT=str(rng.randint(1, 100))))
     assert_same_curve(tmp_path / "run", quick_reference)
     assert not temporaries(tmp_path / "run") and (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------- packed batches (issue 17)
+def test_packed_schedule_takes_as_many_steps_as_padded_and_scales_lr_by_mean_examples():
+    from llama_adapter.train import Schedule
+
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110]  # 11 examples, 660 tokens
+    padded = Schedule.plan(TrainArgs(pack=False, batch_size=4, blr=0.01), lengths, 1)
+    packed = Schedule.plan(TrainArgs(batch_size=4, blr=0.01), lengths, 1)
+    assert padded.steps_per_epoch == packed.steps_per_epoch == 2 and padded.step_tokens is None
+    assert packed.step_tokens == 330 and packed.examples_per_step == 5.5  # no example dropped
+    assert padded.lr == 0.01 * 4 / 256 and packed.lr == 0.01 * 5.5 / 256
+    fixed = Schedule.plan(TrainArgs(batch_tokens=200, blr=0.01), lengths, 2)  # 2 processes: same steps
+    assert fixed.steps_per_epoch == 4 and fixed.step_tokens == 200 and fixed.examples_per_step == 11 / 4
+    with pytest.raises(ValueError, match="more micro-batches than the 11 examples; raise --batch-tokens"):
+        Schedule.plan(TrainArgs(batch_tokens=100, grad_accum=2), lengths, 1)
+
+
+def test_default_max_len_cuts_nothing_and_says_so(tmp_path, caplog):
+    rows = [{"instruction": "Tell a long story.", "input": "", "output": " ".join(["Lily went to the park."] * 25)}]
+    rows += json.loads(small_dataset(tmp_path).read_text())
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(rows))
+    with caplog.at_level(logging.INFO, logger="llama_adapter.train"):
+        finetune(args_for(tmp_path, data, max_len=None, max_steps=1, val_fraction=0.0, epochs=1))
+    msg = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training examples")]
+    assert len(msg) == 1 and "0 truncated, 0 dropped at max length 512" in msg[0], msg  # stories260K's context
+    longest = int(msg[0].split("longest ")[1].split(")")[0])
+    assert longest > 200, msg  # longer than the old default cut (and tiny_run's max_len)

@@ -180,8 +180,9 @@ def _finetune_args(f: argparse.ArgumentParser) -> None:
         sp = adapter if fld.name in ADAPTER_OPTIONS else f
         flag = "--" + fld.name.replace("_", "-")
         doc = helps.get(fld.name, "")
-        if fld.type == "bool":
-            sp.add_argument(flag, action="store_true", help=f"{doc} (default: {fld.default})".strip())
+        if fld.type == "bool":  # a default-on option (--pack) also gets its --no- form
+            action = argparse.BooleanOptionalAction if fld.default is True else "store_true"
+            sp.add_argument(flag, action=action, default=fld.default, help=f"{doc} (default: {fld.default})".strip())
             continue
         typ = {"int": int, "float": float}.get(fld.type.split(" ")[0], str)
         sp.add_argument(
@@ -487,9 +488,11 @@ def _finetune_argv(targs, verbose: bool) -> list[str]:
     argv.append("finetune")
     for f in fields(targs):
         value = getattr(targs, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is False and f.default is True:
+            argv.append("--no-" + flag[2:])
         if f.name == "extra" or value is None or value is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
     return argv
 

@@ -141,6 +141,22 @@ class Packing:
     def n_examples(self) -> int:
         return sum(len(r) for r in self.spans)
 
+    def pieces(self, row: int, T: int) -> tuple[list[int], list[bool]]:
+        """Row `row` of T slots cut into consecutive pieces: their sizes, and which are examples
+        (the others are padding)."""
+        sizes, real, t = [], [], 0
+        for s, e in self.spans[row]:
+            if s > t:
+                sizes.append(s - t)
+                real.append(False)
+            sizes.append(e - s)
+            real.append(True)
+            t = e
+        if T > t:
+            sizes.append(T - t)
+            real.append(False)
+        return sizes, real
+
     def positions(self, T: int, device: torch.device | str | None = None) -> torch.Tensor:
         pos = torch.zeros(len(self.spans), T, dtype=torch.long)
         for b, s, e, _ in self.segments():
@@ -212,11 +228,15 @@ class Attention(nn.Module):
         if at.packing is None:
             return sdpa(q, k, v, at.mask)
         # Block-diagonal causal attention, one example at a time: the work is sum(len^2) rather
-        # than T^2 for a masked full row, and no mask tensor is built.
-        out = q.new_zeros(q.shape)
-        for b, s, e, _ in at.packing.segments():
-            out[b : b + 1, :, s:e] = sdpa(q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e], None)
-        return out
+        # than T^2 for a masked full row (9x slower on CPU at 2048 tokens), and no mask is built.
+        # split + cat, not slice-assign: its backward is one concatenation, where a slice per
+        # example made a zero-filled full-size gradient per example (examples x T work, 30% of a step).
+        rows = []
+        for b, (qb, kb, vb) in enumerate(zip(q.split(1), k.split(1), v.split(1))):
+            sizes, real = at.packing.pieces(b, q.shape[2])
+            parts = zip(qb.split(sizes, 2), kb.split(sizes, 2), vb.split(sizes, 2), real)
+            rows.append(torch.cat([sdpa(x, y, z, None) if r else torch.zeros_like(x) for x, y, z, r in parts], 2))
+        return torch.cat(rows)
 
 
 def sdpa(

@@ -69,14 +69,18 @@ class TrainArgs(AdapterOptions):  # type: ignore[misc, valid-type]
     batch_size: int = 4  # per device, per micro-step
     grad_accum: int = 1
     global_batch: int | None = None  # fixes batch_size x grad_accum x processes; grad_accum is derived from it
-    blr: float = 9e-3  # base lr: lr = blr * effective_batch / 256 (as the paper)
+    # Packed batches: examples side by side in one row per micro-batch, each seeing only itself, so no
+    # work goes to padding; a step is a token budget rather than a number of padded rows.
+    pack: bool = True  # pack examples into rows (--no-pack: length-grouped padded batches of --batch-size)
+    batch_tokens: int | None = None  # packed: tokens per optimizer step, all processes (None: as many steps as padded)
+    blr: float = 9e-3  # base lr: lr = blr * examples per step / 256 (as the paper; packed: the mean per step)
     lr: float | None = None  # absolute lr overrides blr
     min_lr: float = 0.0
     weight_decay: float = 0.02
     warmup_epochs: float = 2.0
     warmup_steps: int | None = None  # overrides warmup_epochs
     clip_grad: float | None = 1.0
-    max_len: int = 512
+    max_len: int | None = None  # tokens per example, longer ones are cut (None: the model's context)
     val_fraction: float = 0.05
     max_val_examples: int = 200
     eval_every: int = 50
@@ -84,6 +88,7 @@ class TrainArgs(AdapterOptions):  # type: ignore[misc, valid-type]
     log_every: int = 1  # refresh the progress bar's loss / lr / tokens-per-second every N steps
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    weights: str | None = None  # frozen base stored in another format, e.g. q8_0 (None: the --precision dtype)
     device: str = "cpu"  # cpu | cuda (each process then uses cuda:LOCAL_RANK)
     devices: int | None = None  # processes, one per device: spawns them, or checks what torchrun started
     strategy: str = "ddp"  # ddp: frozen base replicated | fsdp: frozen base sharded (FSDP2); see distributed.py
@@ -151,6 +156,7 @@ _BOUNDS: dict[str, tuple[float, bool, str]] = {
     "batch_size": (1, True, "examples per device per micro-step"),
     "grad_accum": (1, True, "micro-steps per optimizer step"),
     "global_batch": (1, True, "examples per optimizer step over all processes"),
+    "batch_tokens": (1, True, "tokens per optimizer step over all processes (packed batches)"),
     "blr": (0, False, "base learning rate, scaled by global batch / 256"),
     "lr": (0, False, "peak learning rate; leave it out to derive it from --blr"),
     "min_lr": (0, True, "learning rate at the end of the cosine"),
@@ -191,6 +197,8 @@ def _check_choices(args: TrainArgs) -> None:
         torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device {args.device!r}: use cpu, cuda or cuda:N") from None
+    if args.batch_tokens is not None and not args.pack:
+        raise ValueError("--batch-tokens sets the size of packed steps; drop it or drop --no-pack")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it; give one of them")
 

@@ -10,11 +10,15 @@ items the caller built (experiments, examples).
 
 The loss of a step is the sum of token losses over the whole global batch divided by its number of
 response tokens, so 1 process x batch 4 and 2 processes x batch 2 (or 4 x 1 with accumulation)
-compute the same number. A batch is the dict of tensors `self.collate` makes from encoded items.
+compute the same number. A step is a list of micro-batches (lists of example indices), one or more
+per process; `self.batch` makes a micro-batch's dict of tensors: packed (`--pack`, the default: its
+examples side by side in one row, block-diagonal attention, no padding; see `data.packed_steps`) or
+padded (`--no-pack`: length-grouped rows of `--batch-size` examples).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -22,21 +26,23 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..adapter import AdaptedLLaMA, count_trainable, param_groups, save_adapter
+from ..adapter import AdaptedLLaMA, count_trainable, no_weight_decay, save_adapter
 from ..checkpoint import load_model
 from ..data import (
     InstructionDataset,
     batch_indices,
     collate,
+    collate_packed,
     file_has_images,
     load_examples,
+    pack_bins,
+    packed_steps,
     split_holdout,
     split_paths,
     target_count,
@@ -47,7 +53,7 @@ from ..multimodal import example_visuals, load_any_examples, load_image_encoder,
 from ..tokenizer import load_tokenizer
 from .args import TrainArgs, flag_names
 from .checkpointing import METRICS, Checkpointer, plot_losses, read_metrics, write_metrics, writing
-from .loss import autocast, evaluate_sums, token_loss_sum
+from .loss import autocast, batch_to, evaluate_sums, token_loss_sum
 from .schedule import Schedule
 
 log = logging.getLogger("llama_adapter.train")
@@ -113,9 +119,7 @@ class Recipe:
         args = self.args
         if args.image_encoder:
             self.encoder = load_image_encoder(args.image_encoder, args.image_encoder_weights)
-        # bf16: the frozen base is stored in bf16 (half the memory; autocast computes in bf16 anyway),
-        # the adapter and its optimizer state stay fp32.
-        base = load_model(args.model, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        base = load_base(args)
         self.tokenizer = load_tokenizer(base.config.extra["tokenizer"])
         self.template = resolve_template(args.template, self.tokenizer, purpose="instruct")
         visual = {}
@@ -127,7 +131,7 @@ class Recipe:
         if not (self.par.enabled and self.par.strategy == "fsdp"):  # FSDP moves each rank's shard itself
             model = model.to(self.par.device)
         self.model = model
-        self.collate = partial(collate, pad_id=self.tokenizer.pad_id)
+        self.pad_id = self.tokenizer.pad_id
         self.make_ctx = visual_make_ctx(model) if self.encoder is not None else None
         log.info("trainable parameters: %d", count_trainable(model))
 
@@ -140,8 +144,16 @@ class Recipe:
             tokens = bool(args.visual_query_blocks)
             tv = example_visuals(train_ex, self.encoder, cache, tokens=tokens)
             vv = example_visuals(val_ex, self.encoder, cache, tokens=tokens) if val_ex else None
-        self.train_items = InstructionDataset(train_ex, tok, self.template, args.max_len, visual=tv)
-        self.val_items = InstructionDataset(val_ex, tok, self.template, args.max_len, visual=vv) if val_ex else []
+        # No cut by default: a packed step holds long examples as well as short ones.
+        max_len = args.max_len or self.model.config.max_seq_len
+        self.train_items = InstructionDataset(train_ex, tok, self.template, max_len, visual=tv)
+        self.val_items = InstructionDataset(val_ex, tok, self.template, max_len, visual=vv) if val_ex else []
+        lengths = self.train_items.lengths
+        log.info(
+            "training examples: %d (%d tokens, longest %d); %d truncated, %d dropped at max length %d",
+            len(lengths), sum(lengths), max(lengths, default=0), self.train_items.n_truncated,
+            self.train_items.n_dropped, max_len,
+        )  # fmt: skip
         n = {"n_train": len(self.train_items), "n_val": len(self.val_items)}
         self.metadata = {
             "train": {**asdict(args), "device": self.par.device, "template": self.template, **n},
@@ -153,7 +165,7 @@ class Recipe:
 
     def use(
         self,
-        model: AdaptedLLaMA,
+        model: torch.nn.Module,
         train_items: Sequence[Any],
         val_items: Sequence[Any],
         *,
@@ -163,24 +175,44 @@ class Recipe:
     ) -> None:
         """A model and encoded items built by the caller, in place of setup_model + setup_data."""
         self.model, self.train_items, self.val_items = model, train_items, val_items
-        self.collate = partial(collate, pad_id=pad_id)
+        self.pad_id = pad_id
         self.make_ctx = make_ctx
         self.metadata = metadata or {}
 
     def setup_optimizer(self) -> None:
-        """Schedule, DDP/FSDP wrapping, AdamW over the adapter (no decay on gates, norms, biases)."""
+        """Schedule, DDP/FSDP wrapping, AdamW over what requires grad (no decay on gates, norms, biases),
+        the held-out batches."""
         args = self.args
-        self.schedule = Schedule.plan(args, len(self.train_items), self.par.world_size)
+        self.lengths = [len(it.input_ids) for it in self.train_items]
+        self.schedule = Schedule.plan(args, self.lengths, self.par.world_size)
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.trainable = self.par.wrap(self.model)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, args.weight_decay), lr=self.schedule.lr, betas=(0.9, 0.95)
+            trainable_groups(self.model, args.weight_decay), lr=self.schedule.lr, betas=(0.9, 0.95)
         )
-        self.lengths = [len(it.input_ids) for it in self.train_items]
-        val_lengths = [len(v.input_ids) for v in self.val_items]
-        order = batch_indices(val_lengths, args.batch_size, shuffle=False) if val_lengths else []
-        self.val_batches = [self.collate([self.val_items[i] for i in b]) for b in order]
+        self.val_batches = [self.batch([self.val_items[i] for i in b]) for b in self._val_order()]
+        s = self.schedule
+        if s.step_tokens:
+            log.info(
+                "packed steps of about %d tokens (%.1f examples on average), %d per epoch; lr %.3g",
+                s.step_tokens, s.examples_per_step, s.steps_per_epoch, s.lr,
+            )  # fmt: skip
+
+    def batch(self, items: Sequence[Any]) -> dict[str, Any]:
+        """A micro-batch of encoded items: one packed row, or padded rows (--no-pack)."""
+        return collate_packed([items], self.pad_id) if self.args.pack else collate(items, self.pad_id)
+
+    def _val_order(self) -> list[list[int]]:
+        """Held-out micro-batches: packed into rows of about a micro-batch's tokens, or padded."""
+        lengths = [len(v.input_ids) for v in self.val_items]
+        if not lengths:
+            return []
+        if not self.args.pack:
+            return batch_indices(lengths, self.args.batch_size, shuffle=False)
+        per_micro = self.schedule.step_tokens / (self.schedule.grad_accum * self.par.world_size)
+        bins = pack_bins(lengths, min(len(lengths), math.ceil(sum(lengths) / per_micro)), jitter=0.0)
+        return [b for b in bins if b]
 
     def resume(self) -> None:
         """Tidy the run folder (what a crash left, or everything with --overwrite), then with
@@ -212,13 +244,26 @@ class Recipe:
             log.info("the run is already at step %d of %d: nothing left to train", step, self.schedule.max_steps)
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
+        """The checkpoint's steps are this run's: same global batch (unless --batch-tokens fixes
+        the steps) and the same packing."""
         s, args = self.schedule, self.args
-        if state.get("global_batch", s.global_batch) != s.global_batch:
+        if not args.batch_tokens and state.get("global_batch", s.global_batch) != s.global_batch:
             raise ValueError(
                 f"--resume: the checkpoint was trained with a global batch of {state['global_batch']}, this run "
                 f"has {s.global_batch} (batch {args.batch_size} x accumulation {s.grad_accum} x "
                 f"{self.par.world_size} processes), so step {state['step']} would see other data at another lr; "
                 f"keep the global batch, e.g. --global-batch {state['global_batch']}"
+            )
+        had = state.get("step_tokens")  # absent: a checkpoint from before packing, padded
+        if had != s.step_tokens:
+            then = f"packed steps of {had} tokens" if had else "padded batches"
+            now = f"packed steps of {s.step_tokens} tokens" if s.step_tokens else "padded batches"
+            fix = "without --no-pack" if had else "with --no-pack"
+            if had and s.step_tokens:
+                fix = f"with --batch-tokens {had}"
+            raise ValueError(
+                f"--resume: the checkpoint was trained with {then}, this run has {now}, so step "
+                f"{state['step']} would see other data; resume {fix}"
             )
 
     # -------------------------------------------------------------------------------------- loop
@@ -252,44 +297,49 @@ class Recipe:
                 bar.close()
         return self._finish() if bad_loss is None else self._stop_on_nan(bad_loss)
 
-    def _epoch_batches(self) -> list[list[int]]:
-        """The rest of the current epoch's global batches: the order depends only on seed and epoch,
-        so every rank and every resume sees the same one."""
-        s = self.schedule
+    def _epoch_batches(self) -> list[list[list[int]]]:
+        """The rest of the current epoch's steps, each a list of micro-batches (grad_accum per process,
+        rank r's after rank r-1's). The order depends only on seed and epoch, so every rank and every
+        resume sees the same one."""
+        s, seed = self.schedule, self.args.seed
         epoch, done = divmod(self.state.step, s.steps_per_epoch)
-        order = batch_indices(
-            self.lengths, s.global_batch, shuffle=True, seed=self.args.seed, epoch=epoch, drop_last=True
-        )
-        return order[done : s.steps_per_epoch]
+        micro = s.grad_accum * self.par.world_size
+        if s.step_tokens:
+            steps = packed_steps(self.lengths, s.steps_per_epoch, micro, seed=seed, epoch=epoch)
+        else:
+            order = batch_indices(self.lengths, s.global_batch, shuffle=True, seed=seed, epoch=epoch, drop_last=True)
+            per = self.args.batch_size
+            steps = [[b[j : j + per] for j in range(0, len(b), per)] for b in order]
+        return steps[done : s.steps_per_epoch]
 
-    def step(self, indices: Sequence[int]) -> float:
-        """One optimizer step over the global batch `indices`: forward + backward of this rank's
-        micro-batches, then clip and update. Returns the global batch's mean response-token loss;
-        a loss that is not finite is returned without updating anything."""
-        args, s, par, st = self.args, self.schedule, self.par, self.state
+    def step(self, micro: Sequence[Sequence[int]]) -> float:
+        """One optimizer step over the micro-batches `micro` (all processes'): forward + backward of
+        this rank's, then clip and update. Returns the step's mean response-token loss; a loss that
+        is not finite is returned without updating anything."""
+        s, par, st = self.schedule, self.par, self.state
         lr = s.lr_at(st.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        n_targets = sum(target_count(self.train_items[i]) for i in indices)
-        micro = [indices[j : j + args.batch_size] for j in range(0, len(indices), args.batch_size)]
+        n_targets = sum(target_count(self.train_items[i]) for mb in micro for i in mb)
         mine = micro[par.rank * s.grad_accum : (par.rank + 1) * s.grad_accum]
-        loss_sum, tokens = 0.0, 0
+        loss_sum = 0.0
         for j, mb in enumerate(mine):
-            batch = {k: v.to(par.device) for k, v in self.collate([self.train_items[i] for i in mb]).items()}
+            batch = batch_to(self.batch([self.train_items[i] for i in mb]), par.device)
             with par.micro_step(self.trainable, last=j == len(mine) - 1):
-                with autocast(args.precision, par.device):
+                with autocast(self.args.precision, par.device):
                     loss, _ = token_loss_sum(self.trainable, batch, self.make_ctx(batch) if self.make_ctx else None)
                 # DDP averages gradients over ranks; scale back up so the step sees the global sum.
                 (loss * par.world_size / max(n_targets, 1)).backward()
             loss_sum += loss.item()
-            tokens += int(batch["lengths"].sum())
+        tokens = sum(self.lengths[i] for mb in micro for i in mb)  # every process's, counted alike on each
         par.after_backward(st.step)
         mean = par.all_sum(loss_sum) / max(n_targets, 1)
         if math.isfinite(mean):
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], args.clip_grad)
+            if self.args.clip_grad:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(params, self.args.clip_grad)
             self.optimizer.step()
-            st.step, st.tokens, st.lr = st.step + 1, st.tokens + tokens * par.world_size, lr
+            st.step, st.tokens, st.lr = st.step + 1, st.tokens + tokens, lr
         self.optimizer.zero_grad(set_to_none=True)
         return mean
 
@@ -318,6 +368,7 @@ class Recipe:
             "tokens": st.tokens,
             "elapsed_s": round(st.elapsed_s, 3),
             "global_batch": self.schedule.global_batch,
+            "step_tokens": self.schedule.step_tokens,
             "world_size": self.par.world_size,
         }
         ckpt.save(self.model, self.optimizer, trainer_state, self.metadata)
@@ -403,7 +454,7 @@ def finetune(args: TrainArgs) -> FitResult:
 
 
 def fit(
-    model: AdaptedLLaMA,
+    model: torch.nn.Module,
     train_items: Sequence[Any],
     val_items: Sequence[Any],
     args: TrainArgs,
@@ -415,7 +466,8 @@ def fit(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Train the trainable parameters of `model` on encoded items (each with input_ids/labels);
+    """Train the parameters of `model` that require grad (an AdaptedLLaMA's adapter, or e.g. every
+    weight of a plain LLaMA for full fine-tuning) on encoded items (each with input_ids/labels);
     `out` (optional) receives checkpoints, metrics.csv and loss.png; `parallel` is this process's
     place in a distributed run (distributed.setup_distributed), by default a single process."""
     args.check_options(parallel.world_size if parallel else 1)
@@ -424,6 +476,29 @@ def fit(
     recipe.setup_optimizer()
     recipe.resume()
     return recipe.train()
+
+
+def trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups over the parameters that require grad: an adapter's (`mark_trainable` sets them
+    by THE predicate, so these are the saved ones), or any other model's (full fine-tuning, LoRA:
+    `fit` trains those too). Gates, norms, biases and scales are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_base(args: TrainArgs) -> Any:
+    """The frozen base model. --precision bf16 stores it in bf16 (half the memory; autocast computes
+    in bf16 anyway; the adapter and its optimizer state stay fp32); --weights names another storage
+    format (e.g. q8_0), for a build whose `load_model` takes `weights=`."""
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    if not args.weights:
+        return load_model(args.model, dtype=dtype)
+    if "weights" not in inspect.signature(load_model).parameters:
+        raise ValueError(f"--weights {args.weights}: this build loads float weights only; drop --weights")
+    return load_model(args.model, dtype=dtype, weights=args.weights)
 
 
 def load_data(data: str, images: bool) -> list[dict[str, Any]]:
