@@ -170,3 +170,29 @@ def test_fused_packed_model_generates_what_the_unfused_one_does():
     p, params = [1, 403, 407, 261, 378], SamplingParams(max_new_tokens=30)
     assert generate(b, [p], params) == generate(a, [p], params)
     assert type(b.layers[0].attention.wqkv).__name__ == "QuantLinear"
+
+
+@needs_kernels
+def test_finetune_on_a_packed_base(tmp_path):
+    """`finetune --weights q8` trains the adapter on a q8_0 base: the loss falls, the adapter file holds
+    only adapter tensors, and it loads onto the float base for generation."""
+    from helpers import story_data, tiny_run
+
+    from llama_adapter.train import TrainArgs, finetune
+
+    out = tmp_path / "run"
+    res = finetune(TrainArgs(**tiny_run(data=str(story_data(tmp_path)), out=str(out), max_steps=12, weights="q8")))
+    assert sum(res.train_losses[-3:]) < sum(res.train_losses[:3])
+    stack = load_stack(str(STORIES), str(out), template="alpaca", weights="fp32")
+    assert stack.adapters and not any(isinstance(m, QuantLinear) for m in stack.model.modules())
+
+
+def test_finetune_rejects_an_unknown_weights_format_before_loading(tmp_path):
+    from helpers import story_data, tiny_run
+
+    from llama_adapter.train import TrainArgs, finetune
+
+    args = TrainArgs(**tiny_run(model=str(tmp_path / "absent.bin"), data=str(story_data(tmp_path)),
+                                out=str(tmp_path / "o"), weights="q3"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"--weights 'q3': choose one of auto"):
+        finetune(args)

@@ -24,6 +24,7 @@ import torch
 from ..config import AdapterConfig, Config
 from ..data import check_data_file, split_paths
 from ..distributed import check_options as check_distributed_options
+from ..loading import WEIGHTS
 from ..multimodal import ENCODER_NAMES
 from ..tokenizer import TEMPLATES
 from .checkpointing import check_run_folder
@@ -88,7 +89,7 @@ class TrainArgs(AdapterOptions):  # type: ignore[misc, valid-type]
     log_every: int = 1  # refresh the progress bar's loss / lr / tokens-per-second every N steps
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    weights: str | None = None  # frozen base stored in another format, e.g. q8_0 (None: the --precision dtype)
+    weights: str | None = None  # q8 | q4 | q4_0 | auto: pack the frozen base to save memory (default: float, faster)
     device: str = "cpu"  # cpu | cuda (each process then uses cuda:LOCAL_RANK)
     devices: int | None = None  # processes, one per device: spawns them, or checks what torchrun started
     strategy: str = "ddp"  # ddp: frozen base replicated | fsdp: frozen base sharded (FSDP2); see distributed.py
@@ -189,6 +190,8 @@ def _check_bounds(args: TrainArgs) -> None:
 def _check_choices(args: TrainArgs) -> None:
     if args.precision not in PRECISIONS:
         raise ValueError(f"--precision {args.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if args.weights is not None and args.weights not in WEIGHTS:
+        raise ValueError(f"--weights {args.weights!r}: choose one of {', '.join(WEIGHTS)}")
     if args.template not in (None, "auto", *TEMPLATES):
         raise ValueError(f"--template {args.template!r}: choose auto or one of {', '.join(TEMPLATES)}")
     if args.image_encoder is not None and args.image_encoder not in ENCODER_NAMES:

@@ -18,7 +18,6 @@ padded (`--no-pack`: length-grouped rows of `--batch-size` examples).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import random
@@ -48,7 +47,7 @@ from ..data import (
     target_count,
 )
 from ..distributed import Parallel, distributed_session, process_rank_world
-from ..loading import resolve_template
+from ..loading import resolve_template, resolve_weights
 from ..multimodal import example_visuals, load_any_examples, load_image_encoder, visual_config, visual_make_ctx
 from ..tokenizer import load_tokenizer
 from .args import TrainArgs, flag_names
@@ -491,14 +490,12 @@ def trainable_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def load_base(args: TrainArgs) -> Any:
     """The frozen base model. --precision bf16 stores it in bf16 (half the memory; autocast computes
-    in bf16 anyway; the adapter and its optimizer state stay fp32); --weights names another storage
-    format (e.g. q8_0), for a build whose `load_model` takes `weights=`."""
+    in bf16 anyway; the adapter and its optimizer state stay fp32). --weights packs it instead
+    (`loading.resolve_weights`, as for generation): less memory, but each large product then
+    dequantizes before an fp32 GEMM, so float stays the default."""
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    if not args.weights:
-        return load_model(args.model, dtype=dtype)
-    if "weights" not in inspect.signature(load_model).parameters:
-        raise ValueError(f"--weights {args.weights}: this build loads float weights only; drop --weights")
-    return load_model(args.model, dtype=dtype, weights=args.weights)
+    weights = resolve_weights(args.weights, args.model, "instruct") if args.weights else None
+    return load_model(args.model, dtype=dtype, weights=weights)
 
 
 def load_data(data: str, images: bool) -> list[dict[str, Any]]:
