@@ -1,6 +1,7 @@
 """easy-VQA accuracy with SmolLM2-135M-Instruct + EfficientNet-Lite0 (CPU-sized run, one thread).
+(Named easyvqa_train.py, not easy_vqa.py: a script beside the others must not shadow the easy_vqa package.)
 
-    python examples/easy_vqa.py --out runs/easy_vqa
+    python examples/easyvqa_train.py --out runs/easy_vqa
 
 1. Converts the `easy-vqa==1.0` pip package with `multimodal.easyvqa_to_jsonl`.
 2. Trains a multimodal adapter on a random subset of the train questions (default 640, 1 epoch,
@@ -195,7 +196,7 @@ def main() -> int:
         "Commands (the `evaluate` lines reproduce the first and third rows):",
         "",
         "```",
-        "nice -n 5 python examples/easy_vqa.py " + " ".join(sys.argv[1:]),
+        "nice -n 5 python examples/easyvqa_train.py " + " ".join(sys.argv[1:]),
         f"llama-adapter evaluate --model {a.model} --adapter {a.out}/adapter --task mc --format easyvqa "
         f"--limit {a.n_test} --target text",
         f"llama-adapter evaluate --model {a.model} --task mc --format easyvqa --limit {a.n_test} --target text "
