@@ -196,3 +196,17 @@ def test_finetune_rejects_an_unknown_weights_format_before_loading(tmp_path):
                                 out=str(tmp_path / "o"), weights="q3"))  # fmt: skip
     with pytest.raises(ValueError, match=r"--weights 'q3': choose one of auto"):
         finetune(args)
+
+
+def test_an_adapter_wraps_a_fused_base():
+    """An adapter on a base fused for inference (wqkv, w13) starts equal to it; bias/scale tuning, which
+    needs the separate projections, says so in one line."""
+    base = load_model(STORIES, progress=False)
+    idx = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    base.fuse_projections()
+    with torch.no_grad():
+        frozen = base(idx)
+        model = AdaptedLLaMA(base, AdapterConfig(adapter_len=4, adapter_layers=3, bind_dim=8))
+        assert torch.equal(model(idx), frozen)
+    with pytest.raises(ValueError, match="load the base unfused"):
+        AdaptedLLaMA(base, AdapterConfig(adapter_len=4, adapter_layers=3, bias_scale=True))

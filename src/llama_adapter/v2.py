@@ -223,7 +223,7 @@ def bind_blocks(model: LLaMA, on: bool) -> None:
         if on and not isinstance(blk, BindInjectBlock):
             blk.__class__ = BindInjectBlock
             blk.layer_idx = i
-            blk.adapter_bind_gate = nn.Parameter(torch.zeros((), device=blk.attention.wq.weight.device))
+            blk.adapter_bind_gate = nn.Parameter(torch.zeros((), device=blk.attention.wo.weight.device))
         elif not on and isinstance(blk, BindInjectBlock):
             del blk.adapter_bind_gate
             blk.__class__ = Block
@@ -234,7 +234,8 @@ def _linears(model: LLaMA):
         for sub, names in LINEAR_NAMES:
             parent = getattr(blk, sub)
             for n in names:
-                yield parent, n
+                if hasattr(parent, n):  # absent when fused for inference (wqkv, w13)
+                    yield parent, n
 
 
 def _norm_slots(model: LLaMA):
@@ -246,6 +247,8 @@ def _norm_slots(model: LLaMA):
 
 def apply_v2(model: LLaMA, *, bias_scale: bool, train_norms: bool, bind: bool) -> None:
     """Bring the base model's modules in line with the options (wrap what is asked, unwrap the rest)."""
+    if bias_scale and any(hasattr(b.attention, "wqkv") or hasattr(b.feed_forward, "w13") for b in model.layers):
+        raise ValueError("bias/scale tuning needs the separate q/k/v and gate/up projections; load the base unfused")
     for parent, n in _linears(model):
         lin = getattr(parent, n)
         if bias_scale and not isinstance(lin, ScaledLinear):
