@@ -228,6 +228,17 @@ def visual_query_count(base: Config, config: AdapterConfig) -> int:
     return d * w + 3 * w + N * w + K * w + blocks + w * base.dim + 3 * base.dim
 
 
+LLAMA3_8B: dict[str, Any] = dict(
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    hidden_dim=14336,
+    vocab_size=128256,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_seq_len=8192,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000, norm_eps=1e-6),
     "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, vocab_size=32000, norm_eps=1e-6),
@@ -237,26 +248,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-13b": dict(
         dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, vocab_size=32000, norm_eps=1e-5, max_seq_len=4096
     ),
-    "llama3-8b": dict(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        hidden_dim=14336,
-        vocab_size=128256,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
-        max_seq_len=8192,
-    ),
+    "llama3-8b": LLAMA3_8B,
     "llama3.1-8b": dict(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        hidden_dim=14336,
-        vocab_size=128256,
-        norm_eps=1e-5,
-        rope_theta=500000.0,
+        LLAMA3_8B,
         max_seq_len=131072,
         rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
     ),
