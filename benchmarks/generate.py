@@ -52,12 +52,14 @@ def with_adapter(base: LLaMA, seed: int = 0) -> AdaptedLLaMA:
     return net
 
 
-def ours_decode(model: torch.nn.Module, ids: list[int], batch: int, n: int) -> tuple[float, list[int]]:
+def ours_decode(
+    model: torch.nn.Module, ids: list[int], batch: int, n: int, compile: bool = False
+) -> tuple[float, list[int]]:
     """Decode tokens/s over all rows: from the first new token (end of prefill) to the last."""
     stamps: list[float] = []
     rows = [Row(ids, SamplingParams(max_new_tokens=n)) for _ in range(batch)]
     rows[0].on_token = lambda row, tok: stamps.append(time.perf_counter())
-    engine = Engine(model, max_batch=batch, max_len=len(ids) + n)
+    engine = Engine(model, max_batch=batch, max_len=len(ids) + n, compile=compile)
     engine.run(rows)
     return batch * (n - 1) / (stamps[-1] - stamps[0]), rows[0].tokens
 
@@ -168,8 +170,9 @@ def hf_rows(base: LLaMA, args, ids, long_ids, batches, n, rows) -> None:  # noqa
             log(f"  {label} batch {b}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s")
 
 
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up
+def best(fn, repeats: int, warmups: int = 1) -> float:
+    for _ in range(warmups):  # torch.compile settles its dynamic shapes over the first two runs
+        fn()
     return max(fn() for _ in range(repeats))
 
 
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--no-adapter", action="store_true")
+    ap.add_argument("--compile", default="", help="also time these formats with `--compile` (e.g. keep)")
     ap.add_argument("--write", action="store_true", help="replace the section in benchmarks/results.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -218,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                 dec = best(lambda m=model, b=b: ours_decode(m, ids, b, n)[0], args.repeats)
                 rows.append((label, b, dec, pre if b == 1 else None))
                 log(f"  {label} batch {b}: decode {dec:.1f} tok/s, prefill {pre:.0f} tok/s")
+            for b in batches if fmt in args.compile.split(",") else []:
+                dec = best(lambda m=model, b=b: ours_decode(m, ids, b, n, True)[0], args.repeats, warmups=2)
+                rows.append((label + ", --compile", b, dec, None))
+                log(f"  {label} --compile batch {b}: decode {dec:.1f} tok/s")
             ref_tokens[f"{kind} {held}"] = ours_decode(model, ids, 1, n)[1]
             if kind == "adapter":
                 model.detach_base()

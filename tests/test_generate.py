@@ -3,6 +3,8 @@ prompts, stopping, sampling controls, and (when the real checkpoints load) text 
 
 from __future__ import annotations
 
+import warnings
+
 import helpers
 import pytest
 import torch
@@ -152,6 +154,27 @@ def test_compile_failure_falls_back_to_eager(model, monkeypatch):
 def test_compiled_decode_gives_the_same_tokens(model):
     out = generate(model, PROMPTS, GREEDY, compile=True)
     assert out == generate(model, PROMPTS, GREEDY)
+
+
+@pytest.mark.slow
+def test_compiled_decode_on_packed_weights_gives_the_same_tokens():
+    """The packed kernels are custom ops with fake implementations, so the compiled step keeps them in
+    its graph; rows in step (one int position) and rows at different positions (a tensor) both agree."""
+    from llama_adapter.checkpoint import load_model
+    from llama_adapter.quant import kernels_available
+
+    if not kernels_available():
+        pytest.skip("the AVX2 kernels are not available here")
+    q = load_model(helpers.STORIES, weights="q8_0", progress=False)
+    q.fuse_projections()
+    same = [[1, 403, 407, 261, 378]] * 2
+    mixed = [[1, 403, 407], [1, 403, 407, 261, 378, 300, 5]]
+    for prompts in (same, mixed):
+        params = SamplingParams(max_new_tokens=12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass unnoticed
+            compiled = generate(q, prompts, params, compile=True)
+        assert compiled == generate(q, prompts, params)
 
 
 # ------------------------------------------------------------------------ real checkpoints (when they load)

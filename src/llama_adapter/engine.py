@@ -221,7 +221,10 @@ class Engine:
             if self._ctx_rows != self.rows:
                 self._ctx, self._ctx_rows = stack_prompts([r.prompt for r in self.rows]), list(self.rows)
             tok = torch.tensor([[r.next_token] for r in self.rows], device=self.device)
-            pos = torch.tensor([r.pos for r in self.rows], device=self.device)
+            ps = [r.pos for r in self.rows]
+            # Rows in step pass one int: plain cache slices and no data-dependent branch, so a compiled
+            # step stays one graph; rows at different positions pass a LongTensor (masked attention).
+            pos = ps[0] if ps.count(ps[0]) == n else torch.tensor(ps, device=self.device)
             views = [c.rows(0, n) for c in self._cache]
             logits = self._step(self.model, tok, pos, views, self._ctx)
             self.stats["steps"] += 1
@@ -293,9 +296,9 @@ class Engine:
 
 
 def _decode_step(
-    model: LLaMA, tok: torch.Tensor, pos: torch.Tensor, cache: list[KVCache], ctx: PromptState | None
+    model: LLaMA, tok: torch.Tensor, pos: int | torch.Tensor, cache: list[KVCache], ctx: PromptState | None
 ) -> torch.Tensor:
-    """One token per row [B, 1] at per-row positions `pos` [B] -> logits [B, V]."""
+    """One token per row [B, 1] at position `pos` (every row) or per-row positions [B] -> logits [B, V]."""
     return model(tok, start=pos, cache=cache, ctx=ctx)[:, -1]
 
 
