@@ -179,7 +179,7 @@ def train_peft(cfg: dict, model: Any, tok: Any, train: Any, val_batches: list, b
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = hf_model(model)
+        hf = hf_model(model, torch.float32)
     del model
     gc.collect()
     hf.config.use_cache = False  # training: no KV cache to build
@@ -224,8 +224,23 @@ def train_peft(cfg: dict, model: Any, tok: Any, train: Any, val_batches: list, b
     }  # fmt: skip
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """`cfg` in a fresh interpreter: stdout carries its JSON result, stderr its progress."""
+def run(cfg: dict[str, Any], cache: Path | None = None) -> dict[str, Any]:
+    """`cfg` in a fresh interpreter: stdout carries its JSON result, stderr its progress. With `cache`,
+    a row already measured with the same settings is read from cache/<row>.json instead."""
+    saved = cache / f"{cfg['row']}.json" if cache else None
+    if saved and saved.is_file():
+        out = json.loads(saved.read_text())
+        if all(out.get(k) == v for k, v in cfg.items()):
+            log(f"--- {cfg['row']}: measured before, read from {saved}")
+            return out
+    out = _run(cfg)
+    if saved and "skipped" not in out:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(out))
+    return out
+
+
+def _run(cfg: dict[str, Any]) -> dict[str, Any]:
     log(f"--- {cfg['row']}: {json.dumps(cfg)}")
     load = os.getloadavg()[0]
     p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], stdout=subprocess.PIPE, text=True)
@@ -360,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="profile one packed step instead")
     ap.add_argument("--layers", type=int, default=30, help="--profile: adapted layers")
     ap.add_argument("--top", type=int, default=25, help="--profile: operators listed")
+    ap.add_argument("--cache", help="keep each row's result in CACHE/<row>.json and reuse it (resume a long run)")
     ap.add_argument("--write", action="store_true", help=f"replace the {SECTION!r} section of {RESULTS.name}")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -380,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"row": name, **base, **ROWS[name]}
         if "weights" in cfg:
             cfg["weights"] = args.weights
-        results.append(run(cfg))
+        results.append(run(cfg, Path(args.cache) if args.cache else None))
     command = "python benchmarks/train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join(table(results, command.strip(), args.threads))
     print(text)
