@@ -57,7 +57,7 @@ def make_sets(root: Path, a: argparse.Namespace) -> tuple[Path, Path]:
     return ocr, mme
 
 
-def scores(adapter: str | None, ocr: Path, mme: Path, a: argparse.Namespace) -> dict[str, Any]:
+def scores(adapter: str | None, ocr: Path, mme: Path) -> dict[str, Any]:
     common = dict(adapter=adapter, batch_size=16, progress=False, weights="fp32")
     o = run(EvalArgs(task="ocr", data=str(ocr / "test.jsonl"), max_new_tokens=6, **common))
     m = run(EvalArgs(task="mme", data=str(mme / "test.jsonl"), max_new_tokens=3, **common))
@@ -86,7 +86,7 @@ def train_one(name: str, seed: int, ocr: Path, mme: Path, a: argparse.Namespace,
     train_s = time.time() - t0
     rec = {"config": name, "seed": seed, "steps": res.steps, "first_loss": res.train_losses[0],
            "last_loss": statistics.mean(res.train_losses[-5:]), "train_s": train_s,
-           **scores(str(run_dir), ocr, mme, a), "eval_s": time.time() - t0 - train_s}  # fmt: skip
+           **scores(str(run_dir), ocr, mme), "eval_s": time.time() - t0 - train_s}  # fmt: skip
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return rec
 
@@ -173,7 +173,7 @@ def main() -> None:
     base_file = out / "base.json"
     if not base_file.is_file():
         log("text-only base")
-        base_file.write_text(json.dumps(scores(None, ocr, mme, a)))
+        base_file.write_text(json.dumps(scores(None, ocr, mme)))
     base = json.loads(base_file.read_text())
     recs = []
     for name in a.configs.split(","):
