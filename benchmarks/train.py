@@ -21,6 +21,7 @@ rows
     python benchmarks/train.py --quick              # smoke test: 32 training examples, 16 held out
     python benchmarks/train.py --limit 200 --rows ours,peft
     python benchmarks/train.py --profile            # torch.profiler: where one packed 2,048-token step goes
+    python benchmarks/train.py --floor              # one packed step vs its GEMMs alone and its attention alone
     python benchmarks/train.py --write              # also replace the "## Training" section of results.md
 
 "peak RSS" is the whole process (loading included: the PEFT rows convert our weights into a HF model);
@@ -365,6 +366,124 @@ def profile(threads: int, layers: int, top: int) -> list[str]:
     return out + [f"\nGEMM (aten::mm/addmm/bmm) share: {100 * mm / total:.1f}%\n"]
 
 
+# ---------------------------------------------------------------------------------------------- floor
+def floor(threads: int, repeats: int = 3) -> list[str]:
+    """The arithmetic floor of one packed ~2,048-token step: the step itself, then only its GEMMs (the 7
+    frozen projections of 30 layers, forward and input gradient, and the frozen head on the loss tokens,
+    random tensors of the same shapes) and only its attention (per example, forward + backward, and the
+    alternatives), each the mean of `repeats` after a warm-up."""
+    import torch
+    import torch.nn.functional as F
+
+    from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
+    from llama_adapter.data import collate_packed, packed_steps
+    from llama_adapter.tokenizer import load_tokenizer
+    from llama_adapter.train import TrainArgs, load_base, token_loss_sum, trainable_groups
+
+    torch.set_num_threads(threads)
+    model = load_base(TrainArgs(model=MODEL))
+    c = model.config
+    tok = load_tokenizer(c.extra["tokenizer"])
+    train, _ = load_data(tok, 100, 0)
+    steps = packed_steps(train.lengths, math.ceil(sum(train.lengths) / STEP_TOKENS), 1, seed=0)
+    batches = [collate_packed([[train[i] for i in s[0]]], tok.pad_id) for s in steps[: repeats + 1]]
+    torch.manual_seed(0)
+    net = AdaptedLLaMA(model, AdapterConfig(adapter_len=K, adapter_layers=c.n_layers)).train()
+    opt = torch.optim.AdamW(trainable_groups(net, 0.02), lr=1e-3)
+
+    def timed(fn: Any, n: int = repeats) -> float:
+        fn()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n
+
+    it = iter(batches)
+
+    def step() -> None:
+        loss, n = token_loss_sum(net, next(it))
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step_s = timed(step)
+    b = batches[-1]
+    M, lens = b["input_ids"].shape[1], [e - s for s, e in b["packing"].spans[0]]
+    n_loss = int((b["labels"] != -100).sum())
+    hd, kv = c.dim // c.n_heads, c.n_kv_heads * (c.dim // c.n_heads)
+    shapes = [(c.dim, c.dim), (kv, c.dim), (kv, c.dim), (c.dim, c.dim)] + [(c.hidden_dim, c.dim)] * 2
+    shapes.append((c.dim, c.hidden_dim))
+    ws = [torch.randn(o, i) for o, i in shapes]
+    xs = {i: torch.randn(M, i) for _, i in shapes}
+    gys = {o: torch.randn(M, o) for o, _ in shapes}
+    head, h, gl = torch.randn(c.vocab_size, c.dim), torch.randn(n_loss, c.dim), torch.randn(n_loss, c.vocab_size)
+
+    def gemms() -> None:
+        for _ in range(c.n_layers):
+            for w in ws:
+                xs[w.shape[1]] @ w.t()  # forward
+                gys[w.shape[0]] @ w  # input gradient
+        h @ head.t()
+        gl @ head
+
+    flops = c.n_layers * sum(4 * M * o * i for o, i in shapes) + 4 * n_loss * c.vocab_size * c.dim
+    gemm_s = timed(gemms)
+    q0, k0 = torch.randn(1, c.n_heads, M, hd), torch.randn(1, c.n_kv_heads, M, hd)
+    v0 = torch.randn_like(k0)
+
+    def per_example(q: Any, k: Any, v: Any) -> Any:
+        parts = zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))
+        return torch.cat(
+            [F.scaled_dot_product_attention(x, y, z, is_causal=True, enable_gqa=True) for x, y, z in parts], 2
+        )
+
+    def padded(q: Any, k: Any, v: Any) -> Any:
+        L = max(lens)
+        pad = lambda t: torch.stack([F.pad(p[0], (0, 0, 0, L - p.shape[2])) for p in t.split(lens, 2)])  # noqa: E731
+        y = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, enable_gqa=True)
+        return torch.cat([y[i, :, :n] for i, n in enumerate(lens)], 1)[None]
+
+    def masked_row(q: Any, k: Any, v: Any) -> Any:
+        ex = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        mask = (ex[:, None] == ex[None, :]).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def attention(fn: Any) -> Any:
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        g = torch.randn_like(q0)
+
+        def run() -> None:
+            for _ in range(c.n_layers):
+                fn(q, k, v).backward(g)
+
+        return run
+
+    options = (("per example (ours)", per_example), ("padded batch", padded), ("masked full row", masked_row))
+    att = {name: timed(attention(fn), 1) for name, fn in options}
+    ours = att["per example (ours)"]
+    return [
+        f"### The floor of one packed step: {M} tokens ({len(lens)} examples, {n_loss} carrying loss), {MODEL}, "
+        f"K={K}, L={c.n_layers}, {threads} threads, fp32\n",
+        "| part | seconds | share of the step | rate |",
+        "|---|---:|---:|---:|",
+        f"| the whole step (forward, backward, AdamW) | {step_s:.2f} | 100% | {flops / step_s / 1e9:.0f} GFLOP/s "
+        "(GEMM FLOPs / step time) |",
+        f"| its GEMMs alone ({flops / 1e12:.2f} TFLOP: 7 projections x {c.n_layers} layers forward + input "
+        f"gradient, head on the loss tokens) | {gemm_s:.2f} | {100 * gemm_s / step_s:.0f}% | "
+        f"{flops / gemm_s / 1e9:.0f} GFLOP/s |",
+        *[
+            f"| attention forward + backward x {c.n_layers}, {name} | {s:.2f} | {100 * s / step_s:.0f}% | - |"
+            for name, s in att.items()
+        ],  # fmt: skip
+        f"| everything else (elementwise, RoPE, norms, copies, Python) | {step_s - gemm_s - ours:.2f} | "
+        f"{100 * (step_s - gemm_s - ours) / step_s:.0f}% | - |",
+        "",
+        f"PEFT does the same GEMMs plus the logits of every position; a 2x faster epoch than PEFT's would need "
+        f"this step at <= {0.5 * 347 / 288 * step_s:.1f} s (scaled from the epoch table), i.e. below its GEMMs "
+        "alone unless the GEMMs get faster.",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from: {', '.join(ROWS)}")
@@ -373,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--weights", default="q8_0", help="the ours-q8 row's load_model(weights=...)")
     ap.add_argument("--profile", action="store_true", help="profile one packed step instead")
+    ap.add_argument("--floor", action="store_true", help="time one packed step against its GEMMs and attention alone")
     ap.add_argument("--layers", type=int, default=30, help="--profile: adapted layers")
     ap.add_argument("--top", type=int, default=25, help="--profile: operators listed")
     ap.add_argument("--cache", help="keep each row's result in CACHE/<row>.json and reuse it (resume a long run)")
@@ -384,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         print("\n".join(profile(args.threads, args.layers, args.top)))
+        return 0
+    if args.floor:
+        print("\n".join(floor(args.threads)))
         return 0
     limit = 32 if args.quick else args.limit
     n_val = 16 if args.quick else (max(8, min(50, limit // 10)) if limit else None)
