@@ -377,6 +377,7 @@ def floor(threads: int, repeats: int = 3) -> list[str]:
 
     from llama_adapter.adapter import AdaptedLLaMA, AdapterConfig
     from llama_adapter.data import collate_packed, packed_steps
+    from llama_adapter.model import sdpa
     from llama_adapter.tokenizer import load_tokenizer
     from llama_adapter.train import TrainArgs, load_base, token_loss_sum, trainable_groups
 
@@ -410,7 +411,8 @@ def floor(threads: int, repeats: int = 3) -> list[str]:
     b = batches[-1]
     M, lens = b["input_ids"].shape[1], [e - s for s, e in b["packing"].spans[0]]
     n_loss = int((b["labels"] != -100).sum())
-    hd, kv = c.dim // c.n_heads, c.n_kv_heads * (c.dim // c.n_heads)
+    hd = c.head_dim
+    kv = c.n_kv_heads * hd
     shapes = [(c.dim, c.dim), (kv, c.dim), (kv, c.dim), (c.dim, c.dim)] + [(c.hidden_dim, c.dim)] * 2
     shapes.append((c.dim, c.hidden_dim))
     ws = [torch.randn(o, i) for o, i in shapes]
@@ -431,11 +433,9 @@ def floor(threads: int, repeats: int = 3) -> list[str]:
     q0, k0 = torch.randn(1, c.n_heads, M, hd), torch.randn(1, c.n_kv_heads, M, hd)
     v0 = torch.randn_like(k0)
 
-    def per_example(q: Any, k: Any, v: Any) -> Any:
+    def per_example(q: Any, k: Any, v: Any) -> Any:  # what Attention.attend does for a packed row
         parts = zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))
-        return torch.cat(
-            [F.scaled_dot_product_attention(x, y, z, is_causal=True, enable_gqa=True) for x, y, z in parts], 2
-        )
+        return torch.cat([sdpa(x, y, z, None) for x, y, z in parts], 2)
 
     def padded(q: Any, k: Any, v: Any) -> Any:
         L = max(lens)

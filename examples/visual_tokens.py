@@ -84,19 +84,25 @@ def scores(adapter: str | None, ocr: Path, mme: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def train_one(name: str, seed: int, ocr: Path, mme: Path, a: argparse.Namespace, out: Path) -> dict[str, Any]:
-    run_dir = out / f"{name}-s{seed}"
+def train_adapter(name: str, seed: int, run_dir: Path, a: argparse.Namespace, out: Path, **data: Any) -> Any:
+    """Train configuration `name` afresh into `run_dir` with the study's shared budget; `data` adds the
+    data-specific TrainArgs (data=, batch size or tokens, max length). Returns finetune's result."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    t0 = time.time()
-    res = finetune(
+    return finetune(
         TrainArgs(
-            data=f"{ocr / 'train.jsonl'},{mme / 'train.jsonl'}", out=str(run_dir), image_encoder="efficientnet-lite0",
-            feature_cache=str(out / "feature_cache"), adapter_layers=a.layers, epochs=a.epochs, lr=a.lr,
-            warmup_steps=a.warmup, batch_tokens=a.batch_tokens, val_fraction=0.0, eval_every=10**6,
-            save_every=10**6, seed=seed, **CONFIGS[name],
+            out=str(run_dir), image_encoder="efficientnet-lite0", feature_cache=str(out / "feature_cache"),
+            adapter_layers=a.layers, epochs=a.epochs, lr=a.lr, warmup_steps=a.warmup, val_fraction=0.0,
+            eval_every=10**6, save_every=10**6, seed=seed, **CONFIGS[name], **data,
         )
     )  # fmt: skip
+
+
+def train_one(name: str, seed: int, ocr: Path, mme: Path, a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    run_dir = out / f"{name}-s{seed}"
+    t0 = time.time()
+    data = f"{ocr / 'train.jsonl'},{mme / 'train.jsonl'}"
+    res = train_adapter(name, seed, run_dir, a, out, data=data, batch_tokens=a.batch_tokens)
     train_s = time.time() - t0
     rec = {"config": name, "seed": seed, "steps": res.steps, "first_loss": res.train_losses[0],
            "last_loss": statistics.mean(res.train_losses[-5:]), "train_s": train_s,
@@ -122,39 +128,34 @@ def caption_sets(root: Path, n_train: int) -> tuple[Path, list[dict[str, Any]]]:
     return one, load_image_examples(val_jsonl)
 
 
-def caption_scores_of(adapter: str | None, val: list[dict[str, Any]], grey: bool = False) -> dict[str, float]:
-    """Greedy captions (20 new tokens) of the held-out photos (or a grey image in their place): BLEU-4, CIDEr-D."""
+def caption_scores_of(adapter: str | None, val: list[dict[str, Any]], with_grey: bool = False) -> list[dict[str, Any]]:
+    """Greedy captions (20 new tokens) of the held-out photos: BLEU-4, CIDEr-D and the first caption; with
+    `with_grey`, a second entry for the same model given a grey image in place of every photo."""
     base = load_model(MODEL)
     tok = load_tokenizer(base.config.extra["tokenizer"])
     model = load_adapter(base, adapter).eval() if adapter else base
     prompt = render_chat([{"role": "user", "content": CAPTION_INSTRUCTION}], "chatml", add_generation_prompt=True)
     params = SamplingParams(max_new_tokens=20, temperature=0.0, stop=["<|im_end|>", "\n"])
-    caps: list[str] = []
-    with torch.inference_mode():
-        for i in range(0, len(val), 20):
-            chunk = val[i : i + 20]
-            images = [Image.new("RGB", (224, 224), (128, 128, 128)) if grey else ex["image"] for ex in chunk]
-            ctx = image_prompt_state(model, images) if adapter else None
-            caps += generate_text(model, tok, [prompt] * len(chunk), params, ctx=ctx)
-    s = caption_scores([c.replace("<|im_end|>", "").strip() for c in caps], [ex["references"] for ex in val])
-    return {"bleu4": s["bleu4"], "cider": s["cider"], "sample": caps[0]}
+    out = []
+    for blank in (False, True) if with_grey else (False,):
+        caps: list[str] = []
+        with torch.inference_mode():
+            for i in range(0, len(val), 20):
+                chunk = val[i : i + 20]
+                images = [Image.new("RGB", (224, 224), (128, 128, 128)) if blank else ex["image"] for ex in chunk]
+                ctx = image_prompt_state(model, images) if adapter else None
+                caps += generate_text(model, tok, [prompt] * len(chunk), params, ctx=ctx)
+        s = caption_scores([c.replace("<|im_end|>", "").strip() for c in caps], [ex["references"] for ex in val])
+        out.append({"bleu4": s["bleu4"], "cider": s["cider"], "sample": caps[0]})
+    return out
 
 
 def caption_one(name: str, seed: int, train: Path, val: list, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     run_dir = out / f"cap-{name}-s{seed}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     t0 = time.time()
-    res = finetune(
-        TrainArgs(
-            data=str(train), out=str(run_dir), image_encoder="efficientnet-lite0",
-            feature_cache=str(out / "feature_cache"), adapter_layers=a.layers, epochs=a.epochs, lr=a.lr,
-            warmup_steps=a.warmup, batch_size=8, max_len=64,
-            val_fraction=0.0, eval_every=10**6, save_every=10**6, seed=seed, **CONFIGS[name],
-        )
-    )  # fmt: skip
+    res = train_adapter(name, seed, run_dir, a, out, data=str(train), batch_size=8, max_len=64)
     train_s = time.time() - t0
-    img, grey = caption_scores_of(str(run_dir), val), caption_scores_of(str(run_dir), val, grey=True)
+    img, grey = caption_scores_of(str(run_dir), val, with_grey=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {"config": name, "seed": seed, "steps": res.steps, "last_loss": statistics.mean(res.train_losses[-5:]),
             "bleu4": img["bleu4"], "cider": img["cider"], "grey_bleu4": grey["bleu4"], "grey_cider": grey["cider"],
@@ -175,7 +176,7 @@ def fmt(xs: list[float], scale: float = 100.0, nd: int = 1) -> str:
     return f"{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs):.{nd}f}"
 
 
-def caption_table(caps: list[dict[str, Any]], base: dict[str, Any], a: argparse.Namespace) -> str:
+def caption_table(caps: list[dict[str, Any]], base: dict[str, Any]) -> str:
     lines = [
         "| configuration | visual tokens | CIDEr-D | CIDEr-D, grey image | BLEU-4 % | train loss (last 5 steps) | "
         "per seed: CIDEr-D |",
@@ -228,7 +229,7 @@ def write_table(
             f"layers and seeds), scored on the {caps[0]['n_val']} held-out photos: greedy captions of up to 20 "
             "tokens, CIDEr-D and BLEU-4 against all 5 references; the control gives the same adapter a grey "
             "image instead of the photo.\n\n"
-            f"{caption_table(caps, cap_base, a)}\n"
+            f"{caption_table(caps, cap_base)}\n"
         )
     path.write_text(
         "# Do more visual tokens help OCR?\n\n"
@@ -297,7 +298,7 @@ def main() -> None:
         cap_base_file = out / "captions-base.json"
         if not cap_base_file.is_file():
             log("captions: text-only base")
-            cap_base_file.write_text(json.dumps(caption_scores_of(None, cap_val)))
+            cap_base_file.write_text(json.dumps(caption_scores_of(None, cap_val)[0]))
         cap_base = json.loads(cap_base_file.read_text())
         for name in a.configs.split(","):
             for seed in a.seed_list:
